@@ -1,0 +1,726 @@
+"""
+The generic asyncio core: one message-based, full-duplex connection.
+
+`AsyncProtocol` knows nothing of QMP. It opens a stream (as a client, as
+a one-shot server, or on a socket it is handed), runs one reader task
+and one writer task for the whole session, hands each inbound message
+to `_on_message`, and tears the session down when asked to or when
+either task fails. Subclasses say what a message is by implementing
+`_do_recv` and `_do_send`.
+
+Threads: everything here runs in the thread that runs the event loop
+(the *loop thread*). Nothing in this module is thread-safe and nothing
+blocks; the blocking facade reaches it only through ``qmp_sync._loop``.
+
+Runstates: IDLE -> CONNECTING -> RUNNING -> DISCONNECTING -> IDLE. A
+connect or accept that fails, is cancelled or times out always returns
+to IDLE. A session that ends by itself (the peer hung up, or a task
+failed) waits in DISCONNECTING until `disconnect()` collects it; that
+call re-raises the failure, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import inspect
+import logging
+import os
+import socket
+from collections.abc import Awaitable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Generic,
+    NoReturn,
+    TypeVar,
+    Union,
+    cast,
+)
+
+from .error import ProtocolError, QMPError
+from .util import cancel_and_wait, exception_summary, format_size
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
+__all__ = (
+    "DEFAULT_READBUFLEN",
+    "AsyncProtocol",
+    "ConnectError",
+    "MessageTooLargeError",
+    "Runstate",
+    "SocketAddr",
+    "StateError",
+    "require",
+)
+
+T = TypeVar("T")
+
+#: Default longest message accepted from the peer, in bytes (10 MiB).
+DEFAULT_READBUFLEN = 10 * 1024 * 1024
+
+#: A TCP address, ``(host, port)``.
+InternetAddr = tuple[str, int]
+#: A unix socket path.
+UnixAddr = Union[str, "os.PathLike[str]"]
+#: Anything `AsyncProtocol.connect` and `start_server` take as an address.
+SocketAddr = Union[UnixAddr, InternetAddr]
+
+
+class Runstate(enum.Enum):
+    """Where a connection is in its life."""
+
+    #: No connection, nothing running; ready to connect.
+    IDLE = 0
+    #: Opening the stream or establishing the session.
+    CONNECTING = 1
+    #: The session is up; messages flow both ways.
+    RUNNING = 2
+    #: The session is ending, or has ended and waits for `disconnect()`.
+    DISCONNECTING = 3
+
+
+class ConnectError(QMPError):
+    """
+    Connecting (or accepting) failed; the client is back in IDLE.
+
+    :param error_message: Which phase failed, in words.
+    :param exc: The root cause (usually `OSError`, `EOFError` or a
+        `ProtocolError`); also chained as ``__cause__``.
+    """
+
+    def __init__(self, error_message: str, exc: Exception):
+        super().__init__(error_message, exc)
+        #: Which phase failed, in words.
+        self.error_message = error_message
+        #: The root cause.
+        self.exc = exc
+
+    def __str__(self) -> str:
+        cause = str(self.exc) or type(self.exc).__name__
+        return f"{self.error_message}: {cause}"
+
+
+class StateError(QMPError):
+    """
+    A call was made in a runstate that does not allow it.
+
+    :param error_message: What was wrong, in words.
+    :param state: The runstate at the time of the call.
+    :param required: The runstate the call needs.
+    """
+
+    def __init__(self, error_message: str, state: Runstate,
+                 required: Runstate):
+        super().__init__(error_message)
+        #: What was wrong, in words.
+        self.error_message = error_message
+        #: The runstate at the time of the call.
+        self.state = state
+        #: The runstate the call needs.
+        self.required = required
+
+
+class MessageTooLargeError(ProtocolError):
+    """
+    The peer sent a message longer than the read limit.
+
+    :param limit: The read limit in bytes (``readbuflen``).
+    """
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"a message from the server exceeds the {format_size(limit)} "
+            "read limit (raise readbuflen to accept it)")
+        #: The read limit in bytes.
+        self.limit = limit
+
+
+_STATE_WORDS = {
+    Runstate.IDLE: "not connected",
+    Runstate.CONNECTING: "still connecting",
+    Runstate.RUNNING: "already connected",
+    Runstate.DISCONNECTING: (
+        "disconnecting (the session has ended; call disconnect() to "
+        "return to IDLE)"),
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def require(required: Runstate) -> Callable[[F], F]:
+    """
+    Decorator: allow a method to run only in the `required` runstate.
+
+    For a coroutine method the check happens when the coroutine starts
+    running, that is in the loop thread and atomically with the state
+    change that follows it; for a plain method, at call time.
+
+    :raise StateError: When the runstate is not `required`.
+    """
+    def check(proto: AsyncProtocol[Any]) -> None:
+        if proto.runstate is not required:
+            raise_state_error(proto, required)
+
+    def decorate(func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def async_wrapper(proto: AsyncProtocol[Any],
+                                    *args: Any, **kwargs: Any) -> Any:
+                check(proto)
+                return await func(proto, *args, **kwargs)
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(proto: AsyncProtocol[Any], *args: Any,
+                    **kwargs: Any) -> Any:
+            check(proto)
+            return func(proto, *args, **kwargs)
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def raise_state_error(proto: AsyncProtocol[Any], required: Runstate
+                      ) -> NoReturn:
+    """
+    Raise the `StateError` for calling a method of `proto` that needs
+    runstate `required` (for hot paths that check inline).
+    """
+    raise StateError(
+        f"{type(proto).__name__} is {_STATE_WORDS[proto.runstate]} "
+        f"(runstate {proto.runstate.name}); this call needs "
+        f"{required.name}",
+        proto.runstate, required)
+
+
+def _check_address(address: object) -> None:
+    """Raise `TypeError` unless `address` is something we can open."""
+    if isinstance(address, (str, os.PathLike, socket.socket)):
+        return
+    if (isinstance(address, tuple) and len(address) == 2
+            and isinstance(address[0], str) and isinstance(address[1], int)):
+        return
+    raise TypeError(
+        "address must be a unix socket path, a (host, port) tuple or a "
+        f"connected socket.socket, not {address!r}")
+
+
+class AsyncProtocol(Generic[T]):
+    """
+    A generic, full-duplex, message-based connection, run by asyncio.
+
+    Subclasses implement `_do_recv` and `_do_send`, and may extend
+    `_establish_session`, `_on_message`, `_on_session_end`,
+    `_cb_inbound` and `_cb_outbound`.
+
+    :param name: A nickname for logs and ``repr``; messages of a named
+        connection go to the child logger ``<module>.<name>``.
+    :param readbuflen: The longest message accepted from the peer, in
+        bytes; a longer one ends the session with `MessageTooLargeError`.
+        Takes effect at the next connect.
+    :raise ValueError: If `readbuflen` is not positive.
+    """
+
+    #: The logger of this class; a named instance logs to a child of it.
+    logger = logging.getLogger(__name__)
+
+    #: How long closing the stream may take before it is aborted.
+    _close_timeout = 5.0
+
+    def __init__(self, name: str | None = None, *,
+                 readbuflen: int = DEFAULT_READBUFLEN) -> None:
+        if readbuflen <= 0:
+            raise ValueError(f"readbuflen must be positive, not {readbuflen}")
+        #: The nickname of this connection, if any.
+        self.name = name
+        if name is not None:
+            self.logger = self.logger.getChild(name)
+        #: The longest message accepted from the peer, in bytes.
+        self.readbuflen = readbuflen
+
+        self._runstate = Runstate.IDLE
+        self._runstate_event: asyncio.Event | None = None
+
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._outgoing: asyncio.Queue[T] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._dc_task: asyncio.Task[None] | None = None
+        # The first failure of the session, re-raised once by disconnect().
+        self._session_error: BaseException | None = None
+
+        self._server: asyncio.AbstractServer | None = None
+        self._server_path: str | None = None
+        self._accepted: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        name = f" name={self.name!r}" if self.name is not None else ""
+        return f"<{type(self).__name__}{name} runstate={self._runstate.name}>"
+
+    # ------------------------------------------------------------------
+    # Public interface; every method runs in the loop thread.
+
+    @property
+    def runstate(self) -> Runstate:
+        """The current `Runstate` of the connection."""
+        return self._runstate
+
+    async def runstate_changed(self) -> Runstate:
+        """Wait for the runstate to change, then return the new one."""
+        await self._get_runstate_event().wait()
+        return self._runstate
+
+    @require(Runstate.IDLE)
+    async def connect(self, address: SocketAddr | socket.socket,
+                      ssl: SSLContext | None = None) -> None:
+        """
+        Connect to a server and start the session.
+
+        :param address: A unix socket path, a ``(host, port)`` tuple, or
+            an already-connected `socket.socket` (which the connection
+            then owns and closes).
+        :param ssl: A client-side `ssl.SSLContext` for TLS, if any.
+        :raise StateError: When the runstate is not IDLE.
+        :raise TypeError: When `address` is none of the above.
+        :raise ConnectError: When the connection or the session cannot be
+            established; ``.exc`` holds the root cause. The runstate is
+            back to IDLE.
+        """
+        _check_address(address)
+        await self._session_guard(self._do_connect(address, ssl),
+                                  "Failed to establish connection")
+        await self._session_guard(self._establish_session(),
+                                  "Failed to establish session")
+
+    @require(Runstate.IDLE)
+    async def open_with_socket(self, sock: socket.socket) -> None:
+        """
+        Start the session on an already-connected socket.
+
+        The same as ``connect(sock)``: the connection owns the socket from
+        now on and closes it at disconnect.
+
+        :raise StateError: When the runstate is not IDLE.
+        :raise ConnectError: When the session cannot be established.
+        """
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"expected a socket.socket, not {sock!r}")
+        await self._session_guard(self._do_connect(sock, None),
+                                  "Failed to establish connection")
+        await self._session_guard(self._establish_session(),
+                                  "Failed to establish session")
+
+    @require(Runstate.IDLE)
+    async def start_server(self, address: SocketAddr,
+                           ssl: SSLContext | None = None) -> None:
+        """
+        Listen for one incoming connection; `accept` takes it.
+
+        Returns as soon as the socket listens; the runstate is then
+        CONNECTING. A unix socket file this call creates is removed
+        again when listening stops.
+
+        :param address: A unix socket path or a ``(host, port)`` tuple.
+        :param ssl: A server-side `ssl.SSLContext` for TLS, if any.
+        :raise StateError: When the runstate is not IDLE.
+        :raise ConnectError: When the socket cannot listen.
+        """
+        _check_address(address)
+        if isinstance(address, socket.socket):
+            raise TypeError("start_server() needs an address, not a socket")
+        await self._session_guard(self._do_start_server(address, ssl),
+                                  "Failed to start listening")
+
+    @require(Runstate.CONNECTING)
+    async def accept(self) -> None:
+        """
+        Wait for the peer to connect, then start the session.
+
+        Cancel it (or wrap it in `asyncio.wait_for`) to give up; any
+        failure or cancellation stops listening and returns to IDLE.
+
+        :raise StateError: When the runstate is not CONNECTING.
+        :raise QMPError: When `start_server` was not called first.
+        :raise ConnectError: When the session cannot be established.
+        """
+        if self._accepted is None:
+            raise QMPError("accept() needs a start_server() call first")
+        await self._session_guard(self._do_accept(),
+                                  "Failed to accept a connection")
+        await self._session_guard(self._establish_session(),
+                                  "Failed to establish session")
+
+    @require(Runstate.IDLE)
+    async def start_server_and_accept(
+            self, address: SocketAddr,
+            ssl: SSLContext | None = None) -> None:
+        """
+        `start_server` then `accept`, as one call.
+
+        :raise StateError: When the runstate is not IDLE.
+        :raise ConnectError: When listening or the session fails.
+        """
+        await self.start_server(address, ssl)
+        await self.accept()
+
+    async def disconnect(self) -> None:
+        """
+        End the session and return to IDLE; idempotent.
+
+        Waits for the reader and writer tasks to stop and the stream to
+        close. Messages queued but not yet written are dropped.
+
+        :raise Exception: The failure that ended the session on its own
+            (a `ProtocolError`, an `OSError`, ...), re-raised once; the
+            runstate is IDLE all the same.
+        """
+        if self._runstate is Runstate.IDLE:
+            return
+        self.logger.debug("disconnect() called.")
+        self._schedule_disconnect(None)
+        await self._wait_disconnect()
+
+    # ------------------------------------------------------------------
+    # Session machinery.
+
+    def _get_runstate_event(self) -> asyncio.Event:
+        """Runs in the loop thread; makes the event there (py3.9 binds)."""
+        if self._runstate_event is None:
+            self._runstate_event = asyncio.Event()
+        return self._runstate_event
+
+    def _set_state(self, state: Runstate) -> None:
+        """Runs in the loop thread: change the runstate, wake watchers."""
+        if state is self._runstate:
+            return
+        self.logger.debug("Runstate %s -> %s", self._runstate.name,
+                          state.name)
+        self._runstate = state
+        event = self._get_runstate_event()
+        event.set()
+        event.clear()
+
+    async def _session_guard(self, coro: Awaitable[None], emsg: str) -> None:
+        """
+        Runs in the loop thread: await `coro`; on any failure go back to
+        IDLE and raise.
+
+        Exceptions are wrapped in `ConnectError`; `BaseException`s that
+        are not `Exception`s (cancellation, KeyboardInterrupt) are
+        re-raised as they are, after the cleanup.
+        """
+        try:
+            await coro
+        except BaseException as err:
+            self.logger.debug("%s: %s", emsg, exception_summary(err))
+            try:
+                await self.disconnect()
+            except Exception as cleanup_err:
+                # A half-built session can fail again while it is torn
+                # down; the first error is the one the caller needs.
+                self.logger.debug("Ignoring error from cleanup: %s",
+                                  exception_summary(cleanup_err))
+            if isinstance(err, Exception):
+                raise ConnectError(emsg, err) from err
+            raise
+
+    async def _do_connect(self, address: SocketAddr | socket.socket,
+                          ssl: SSLContext | None) -> None:
+        """Runs in the loop thread: open the stream as a client."""
+        self._set_state(Runstate.CONNECTING)
+        # Let runstate watchers see CONNECTING even if opening fails
+        # synchronously.
+        await asyncio.sleep(0)
+        limit = self.readbuflen
+        self.logger.debug("Connecting to %s ...", address)
+        if isinstance(address, socket.socket):
+            self._reader, self._writer = await asyncio.open_connection(
+                sock=address, limit=limit)
+        elif isinstance(address, tuple):
+            self._reader, self._writer = await asyncio.open_connection(
+                address[0], address[1], ssl=ssl, limit=limit)
+        else:
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                os.fspath(address), ssl=ssl, limit=limit)
+        self.logger.debug("Connected.")
+
+    async def _do_start_server(self, address: SocketAddr,
+                               ssl: SSLContext | None) -> None:
+        """Runs in the loop thread: bind and listen."""
+        self._set_state(Runstate.CONNECTING)
+        await asyncio.sleep(0)
+        self._accepted = asyncio.get_running_loop().create_future()
+        self.logger.debug("Listening on %s ...", address)
+        if isinstance(address, tuple):
+            self._server = await asyncio.start_server(
+                self._incoming, address[0], address[1], ssl=ssl, backlog=1,
+                limit=self.readbuflen)
+        else:
+            path = os.fspath(address)
+            self._server = await asyncio.start_unix_server(
+                self._incoming, path, ssl=ssl, backlog=1,
+                limit=self.readbuflen)
+            self._server_path = path
+
+    async def _incoming(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        """Runs in the loop thread: take the first incoming connection."""
+        accepted = self._accepted
+        if accepted is None or accepted.done() or self._writer is not None:
+            # Several connections can be queued before we stop listening
+            # (bpo-46715); only the first one is ours.
+            self.logger.warning("Refusing an extra incoming connection.")
+            writer.close()
+            return
+        self.logger.debug("Incoming connection from %s",
+                          writer.get_extra_info("peername") or "a peer")
+        self._stop_server()
+        self._reader, self._writer = reader, writer
+        accepted.set_result(None)
+
+    async def _do_accept(self) -> None:
+        """Runs in the loop thread: wait until `_incoming` has a peer."""
+        assert self._accepted is not None
+        await self._accepted
+        self._accepted = None
+        self.logger.debug("Connection accepted.")
+
+    def _stop_server(self) -> None:
+        """Runs in the loop thread: stop listening; remove our socket file."""
+        if self._server is None:
+            return
+        # Server.wait_closed() also waits for accepted connections on
+        # Python >= 3.12, which would never return here; close() alone
+        # already closes the listening socket.
+        self._server.close()
+        self._server = None
+        if self._server_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._server_path)
+            self._server_path = None
+        self.logger.debug("Stopped listening.")
+
+    async def _establish_session(self) -> None:
+        """
+        Runs in the loop thread: start the reader and writer tasks and
+        enter RUNNING.
+
+        Subclasses extend it: work before the ``super()`` call happens
+        on the bare stream (use `_recv`/`_send` directly), work after it
+        with the tasks running.
+        """
+        assert self._runstate is Runstate.CONNECTING
+        self._outgoing = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._reader_task = loop.create_task(
+            self._bh_loop(self._bh_recv_message, "Reader"))
+        self._writer_task = loop.create_task(
+            self._bh_loop(self._bh_send_message, "Writer"))
+        self._set_state(Runstate.RUNNING)
+
+    def _schedule_disconnect(self, error: BaseException | None) -> None:
+        """
+        Runs in the loop thread: start tearing the session down, once.
+
+        Called by `disconnect()` (``error`` is None) and by the reader or
+        writer task when it ends: with its failure, or with `EOFError`
+        when the peer closed the stream. The first failure other than
+        `EOFError` is kept for `disconnect()` to raise; the end of the
+        stream is how sessions normally end, not a failure.
+        """
+        if (error is not None and not isinstance(error, EOFError)
+                and self._session_error is None):
+            self._session_error = error
+        if self._dc_task is not None:
+            return
+        self._set_state(Runstate.DISCONNECTING)
+        try:
+            self._on_session_end(error)
+        except Exception as err:
+            self.logger.error("_on_session_end failed: %s",
+                              exception_summary(err))
+        self._dc_task = asyncio.get_running_loop().create_task(
+            self._bh_disconnect())
+
+    async def _wait_disconnect(self) -> None:
+        """
+        Runs in the loop thread: wait for the scheduled teardown, clean
+        up, enter IDLE and re-raise the session's failure if any.
+
+        When several callers wait, the first one to wake does the cleanup
+        and gets the failure; the others return quietly.
+        """
+        dc_task = self._dc_task
+        assert dc_task is not None
+        await asyncio.wait((dc_task,))
+        if self._dc_task is not dc_task:
+            return
+        error, self._session_error = self._session_error, None
+        self._cleanup()
+        self._set_state(Runstate.IDLE)
+        if error is not None:
+            raise error
+
+    def _cleanup(self) -> None:
+        """Runs in the loop thread: forget everything of the last session."""
+        for task in (self._dc_task, self._reader_task, self._writer_task):
+            assert task is None or task.done()
+        self._dc_task = None
+        self._reader_task = None
+        self._writer_task = None
+        self._reader = None
+        self._writer = None
+        self._outgoing = None
+        self._accepted = None
+
+    async def _bh_disconnect(self) -> None:
+        """
+        Runs in the loop thread, as the disconnect task: stop listening,
+        stop the reader and writer, close the stream.
+
+        Never raises; a failure while closing is kept for `disconnect()`
+        only if the session had not already failed.
+        """
+        self._stop_server()
+        for task in (self._writer_task, self._reader_task):
+            if task is not None:
+                await cancel_and_wait(task)
+        writer = self._writer
+        if writer is None:
+            return
+        if self._session_error is not None:
+            # A broken stream has nothing worth flushing.
+            writer.transport.abort()
+        else:
+            writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), self._close_timeout)
+        except asyncio.TimeoutError:
+            self.logger.warning("Closing the stream took over %.0f s; "
+                                "aborting it.", self._close_timeout)
+            writer.transport.abort()
+        except Exception as err:
+            # The peer reset or broke the stream as we closed it: it is
+            # closed either way, which is all disconnect() promises.
+            self.logger.debug("Error while closing the stream: %s",
+                              exception_summary(err))
+        self.logger.debug("Disconnected.")
+
+    async def _bh_loop(self, step: Callable[[], Awaitable[None]],
+                       role: str) -> None:
+        """
+        Runs in the loop thread, as the reader or writer task: call
+        `step` until the task is cancelled, the stream ends or `step`
+        fails; then schedule the disconnect.
+        """
+        try:
+            while True:
+                await step()
+        except asyncio.CancelledError:
+            self.logger.debug("%s task cancelled.", role)
+        except EOFError as eof:
+            self.logger.debug("%s task: the peer closed the connection.", role)
+            self._schedule_disconnect(eof)
+        except Exception as err:
+            self.logger.info("%s task failed: %s", role,
+                             exception_summary(err))
+            self._schedule_disconnect(err)
+
+    async def _bh_recv_message(self) -> None:
+        """Runs in the reader task: read one message and handle it."""
+        msg = await self._recv()
+        await self._on_message(msg)
+
+    async def _bh_send_message(self) -> None:
+        """Runs in the writer task: write the next queued message."""
+        assert self._outgoing is not None
+        msg = await self._outgoing.get()
+        await self._send(msg)
+
+    # ------------------------------------------------------------------
+    # Message I/O and the hooks for subclasses; all run in the loop thread.
+
+    def _enqueue(self, msg: T) -> None:
+        """Runs in the loop thread: queue `msg` for the writer task."""
+        assert self._outgoing is not None
+        self._outgoing.put_nowait(msg)
+
+    async def _readline(self) -> bytes:
+        """
+        Runs in the loop thread: read one line, newline included.
+
+        At end of stream after a partial line, that partial line is
+        returned (without newline); the next call raises `EOFError`.
+
+        :raise EOFError: At end of stream with nothing left.
+        :raise MessageTooLargeError: When the line exceeds `readbuflen`.
+        :raise OSError: When the stream fails.
+        """
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except ValueError as err:
+            # StreamReader reports a line over its limit as ValueError.
+            raise MessageTooLargeError(self.readbuflen) from err
+        if not line:
+            raise EOFError("the peer closed the connection")
+        return line
+
+    async def _recv(self) -> T:
+        """Runs in the loop thread: read one message, filtered by
+        `_cb_inbound`. Outside the reader task only before the session
+        runs (it would steal messages from it)."""
+        return self._cb_inbound(await self._do_recv())
+
+    async def _send(self, msg: T) -> None:
+        """Runs in the loop thread: write one message, filtered by
+        `_cb_outbound`, and wait while the stream is over its buffer
+        limit."""
+        self._do_send(self._cb_outbound(msg))
+        assert self._writer is not None
+        await self._writer.drain()
+
+    async def _do_recv(self) -> T:
+        """Hook, runs in the loop thread: read and return one message."""
+        raise NotImplementedError
+
+    def _do_send(self, msg: T) -> None:
+        """Hook, runs in the loop thread: write one message to
+        ``self._writer`` (without draining)."""
+        raise NotImplementedError
+
+    async def _on_message(self, msg: T) -> None:
+        """
+        Hook, runs in the reader task: handle one inbound message.
+
+        An exception raised here ends the session with that failure.
+        Never wait here for the reader or for a reply: it would deadlock.
+        """
+
+    def _on_session_end(self, error: BaseException | None) -> None:
+        """
+        Hook, runs in the loop thread: the session has started to end,
+        because of `error` (None for `disconnect()`, `EOFError` when the
+        peer closed the stream).
+
+        Called once per session, before the reader and writer stop.
+        Must not block and should not raise.
+        """
+
+    def _cb_outbound(self, msg: T) -> T:
+        """Hook, runs in the loop thread: log (lazily) or rewrite each
+        outbound message; returns the message to send."""
+        self.logger.debug("--> %s", msg)
+        return msg
+
+    def _cb_inbound(self, msg: T) -> T:
+        """Hook, runs in the loop thread: log (lazily) or rewrite each
+        inbound message before `_on_message` sees it."""
+        self.logger.debug("<-- %s", msg)
+        return msg
