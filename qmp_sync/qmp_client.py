@@ -17,6 +17,7 @@ import array
 import asyncio
 import json
 import logging
+import os
 import socket
 from collections.abc import Mapping
 
@@ -394,6 +395,7 @@ class QMPClient(AsyncProtocol[Message], Events):
             # message.
             raise QMPError("send_fd_scm(): a message is still being "
                            "written; try again")
+        os.fstat(fd)  # OSError now for a bad fd, not after the dup below
         fds = array.array("i", [fd])
         # A duplicate of the transport's socket: a real socket.socket
         # whose sendmsg() we may call, and closing it leaves ours open.

@@ -1,0 +1,117 @@
+"""
+Test rig: async tests, a thread-leak check, and real QEMU.
+
+- ``async def`` tests run in a fresh event loop, each bounded by
+  ``ASYNC_TEST_TIMEOUT`` on top of pytest-timeout's global limit.
+- Every test must leave no thread behind.
+- The ``qemu`` fixture starts a guest-less ``qemu-system-x86_64`` whose
+  QMP monitor listens on a unix socket the fixture created and bound
+  itself, so it accepts connections from the first instant (no polling
+  for QEMU to come up), and kills it by pid at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import FakeQMP
+
+ASYNC_TEST_TIMEOUT = 30.0
+QEMU_BINARY = "qemu-system-x86_64"
+QEMU_ARGS = ("-machine", "none", "-nodefaults", "-display", "none")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run ``async def`` tests with asyncio.run, under a deadline."""
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in names}
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(func(**kwargs), ASYNC_TEST_TIMEOUT)
+        finally:
+            await FakeQMP.close_all()
+
+    asyncio.run(bounded())
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak() -> Iterator[None]:
+    """Fail a test that leaves a thread running."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate()
+              if t not in before and t.is_alive()]
+    for thread in leaked:
+        thread.join(timeout=2.0)
+    leaked = [t for t in leaked if t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+
+
+def qemu_binary() -> str:
+    """The QEMU binary; its absence fails the test (never a skip)."""
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        pytest.fail(f"{QEMU_BINARY} is not installed: the README's test "
+                    "command (tools/test.sh) installs it with apt-get")
+    return path
+
+
+class QEMU:
+    """A running guest-less QEMU process and the QMP socket path."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], path: str):
+        self.proc = proc
+        self.path = path
+
+    def kill(self) -> None:
+        """SIGKILL the process (by pid) and reap it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def start_qemu(*extra: str, pass_fds: tuple[int, ...] = ()
+               ) -> subprocess.Popen[bytes]:
+    """Start a guest-less QEMU with `extra` arguments."""
+    return subprocess.Popen(
+        [qemu_binary(), *QEMU_ARGS, *extra], pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def qemu(tmp_path: Path) -> Iterator[QEMU]:
+    """A guest-less QEMU whose QMP monitor listens on a unix socket."""
+    path = str(tmp_path / "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(4)
+        proc = start_qemu(
+            "-chardev", f"socket,id=qmp,fd={listener.fileno()},"
+            "server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            pass_fds=(listener.fileno(),))
+    finally:
+        listener.close()
+    instance = QEMU(proc, path)
+    try:
+        yield instance
+    finally:
+        instance.kill()
+
