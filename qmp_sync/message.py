@@ -31,10 +31,11 @@ class Message(MutableMapping[str, object]):
         object.
     """
 
-    __slots__ = ("_obj",)
+    __slots__ = ("_obj", "_wire")
 
     def __init__(self, value: bytes | Mapping[str, object] | None = None
                  ) -> None:
+        self._wire: bytes | None = None
         if value is None:
             self._obj: dict[str, object] = {}
         elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -56,6 +57,7 @@ class Message(MutableMapping[str, object]):
         """Adopt `obj` (no copy, no checks): for dicts fresh from JSON."""
         msg = cls.__new__(cls)
         msg._obj = obj
+        msg._wire = None
         return msg
 
     @staticmethod
@@ -76,11 +78,24 @@ class Message(MutableMapping[str, object]):
         :raise TypeError: When a value is not JSON-serialisable.
         :raise ValueError: For NaN, infinity or circular references.
         """
+        if self._wire is not None:
+            return self._wire
         try:
             return _encode(self._obj).encode("utf-8")
         except TypeError as err:
             raise TypeError(f"QMP message is not JSON-serialisable: {err}"
                             ) from err
+
+    def _freeze_wire(self) -> None:
+        """
+        Serialise now and let ``bytes()`` return that result until a key
+        is set or deleted. Only for messages the client owns: a change
+        *inside* a value would not be seen.
+
+        :raise TypeError, ValueError: As ``bytes()``.
+        """
+        self._wire = None
+        self._wire = bytes(self)
 
     def __str__(self) -> str:
         return bytes(self).decode("utf-8")
@@ -97,9 +112,11 @@ class Message(MutableMapping[str, object]):
         if not isinstance(key, str):
             raise TypeError(f"QMP message keys must be strings, not {key!r}")
         self._obj[key] = value
+        self._wire = None
 
     def __delitem__(self, key: str) -> None:
         del self._obj[key]
+        self._wire = None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._obj)

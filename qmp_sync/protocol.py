@@ -647,9 +647,25 @@ class AsyncProtocol(Generic[T]):
     # Message I/O and the hooks for subclasses; all run in the loop thread.
 
     def _enqueue(self, msg: T) -> None:
-        """Runs in the loop thread: queue `msg` for the writer task."""
-        assert self._outgoing is not None
-        self._outgoing.put_nowait(msg)
+        """
+        Runs in the loop thread: send `msg` after everything sent before.
+
+        When nothing is queued and the transport's buffer is empty, the
+        message is written at once, which saves the loop pass a hand-off
+        to the writer task would cost; otherwise the writer task sends
+        it once the buffer drains. A failure to write ends the session,
+        exactly as in the writer task.
+        """
+        assert self._outgoing is not None and self._writer is not None
+        if (self._outgoing.empty()
+                and not self._writer.transport.get_write_buffer_size()):
+            try:
+                self._do_send(self._cb_outbound(msg))
+            except Exception as err:
+                self.logger.info("Writing failed: %s", exception_summary(err))
+                self._schedule_disconnect(err)
+        else:
+            self._outgoing.put_nowait(msg)
 
     async def _readline(self) -> bytes:
         """

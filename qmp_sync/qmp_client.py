@@ -295,28 +295,52 @@ class QMPClient(AsyncProtocol[Message], Events):
         Runs in the loop thread: send a command, await its reply; return
         both (the sent message with its id, and the reply).
         """
+        sent, key, future = self._submit(msg)
+        try:
+            return sent, await future
+        except asyncio.CancelledError:
+            self._abandon(key, future)
+            raise
+
+    def _submit(self, msg: Mapping[str, object]
+                ) -> tuple[Message, object, asyncio.Future[Message]]:
+        """
+        Runs in the loop thread: check and send a command without
+        waiting; return the message sent, its id key and the future of
+        its reply.
+
+        The future gets the reply (whatever it says), or
+        `ExecInterruptedError` when the session ends first. A caller
+        that stops waiting for it must call `_abandon`.
+
+        :raise: As `execute_msg`, before anything is sent.
+        """
         # The runstate check is inline, not @require: this is the hot path.
         if self._runstate is not Runstate.RUNNING:
             raise_state_error(self, Runstate.RUNNING)
         sent, key = self._prepare(msg)
         future: asyncio.Future[Message] = (
             asyncio.get_running_loop().create_future())
-        entry = (future, sent)
-        self._pending[key] = entry
+        self._pending[key] = (future, sent)
         self._enqueue(sent)
-        try:
-            return sent, await future
-        finally:
-            if self._pending.get(key) is entry:
-                del self._pending[key]
-            if not future.done():
-                # Cancelled or timed out: the reply may still come.
-                future.cancel()
-                self._abandoned.add(key)
-            elif not future.cancelled():
-                # Cancelled just as the session ended: mark the error as
-                # seen, or asyncio logs it as never retrieved.
-                future.exception()
+        return sent, key, future
+
+    def _abandon(self, key: object, future: asyncio.Future[Message]) -> None:
+        """
+        Runs in the loop thread: the caller of `_submit` stopped waiting
+        (cancelled, timed out). Forget the command; its late reply will be
+        dropped quietly.
+        """
+        entry = self._pending.get(key)
+        if entry is not None and entry[0] is future:
+            del self._pending[key]
+            self._abandoned.add(key)
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            # The session ended just as the caller gave up: mark the
+            # error as seen, or asyncio logs it as never retrieved.
+            future.exception()
 
     def _prepare(self, msg: Mapping[str, object]) -> tuple[Message, object]:
         """
@@ -354,7 +378,9 @@ class QMPClient(AsyncProtocol[Message], Events):
             self._next_id += 1
             key = f"{_ID_PREFIX}{self._next_id}"
             sent["id"] = key
-        bytes(sent)  # raises TypeError/ValueError for non-JSON values
+        # Serialise now: a value that is not JSON fails here, in the
+        # caller, and the writer sends these very bytes.
+        sent._freeze_wire()
         return sent, key
 
     @staticmethod
@@ -505,7 +531,7 @@ class QMPClient(AsyncProtocol[Message], Events):
                     f"the server could not parse a command: {desc}", msg)
             raise BadReplyError("unexpected message from the server", msg)
         key = _id_key(msg["id"])
-        entry = self._pending.get(key)
+        entry = self._pending.pop(key, None)
         if entry is None:
             if key in self._abandoned:
                 self._abandoned.discard(key)
@@ -515,9 +541,7 @@ class QMPClient(AsyncProtocol[Message], Events):
                 self.logger.warning("Dropping a reply with unknown id %r",
                                     msg["id"])
             return
-        future = entry[0]
-        if not future.done():
-            future.set_result(msg)
+        entry[0].set_result(msg)
 
     def _on_session_end(self, error: BaseException | None) -> None:
         """Runs in the loop thread: end every command in flight with
@@ -528,9 +552,8 @@ class QMPClient(AsyncProtocol[Message], Events):
             reason = "the server closed the connection"
         else:
             reason = str(error) or type(error).__name__
-        for future, sent in self._pending.values():
-            if future.done():
-                continue
+        pending, self._pending = self._pending, {}
+        for future, sent in pending.values():
             name = sent.get("execute") or sent.get("exec-oob")
             exc = ExecInterruptedError(
                 f"{name!r} was interrupted: {reason}")
