@@ -29,7 +29,7 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -245,6 +245,7 @@ class AsyncProtocol(Generic[T]):
 
         self._runstate = Runstate.IDLE
         self._runstate_event: asyncio.Event | None = None
+        self._runstate_loop: asyncio.AbstractEventLoop | None = None
 
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -254,6 +255,11 @@ class AsyncProtocol(Generic[T]):
         self._dc_task: asyncio.Task[None] | None = None
         # The first failure of the session, re-raised once by disconnect().
         self._session_error: BaseException | None = None
+
+        # The task running the connect or accept in progress, if any.
+        self._attempt_task: asyncio.Task[None] | None = None
+        # Resolved once that attempt has fully unwound (RUNNING or IDLE).
+        self._attempt_unwound: asyncio.Future[None] | None = None
 
         self._server: asyncio.AbstractServer | None = None
         self._server_path: str | None = None
@@ -282,21 +288,23 @@ class AsyncProtocol(Generic[T]):
         """
         Connect to a server and start the session.
 
+        Cancel it (or wrap it in `asyncio.wait_for`), or call
+        `disconnect()` from another task, to give up; either way the
+        runstate returns to IDLE.
+
         :param address: A unix socket path, a ``(host, port)`` tuple, or
-            an already-connected `socket.socket` (which the connection
-            then owns and closes).
+            an already-connected `socket.socket`, which the client owns
+            from then on: it is closed at disconnect, or at once if the
+            connect fails.
         :param ssl: A client-side `ssl.SSLContext` for TLS, if any.
         :raise StateError: When the runstate is not IDLE.
         :raise TypeError: When `address` is none of the above.
         :raise ConnectError: When the connection or the session cannot be
-            established; ``.exc`` holds the root cause. The runstate is
-            back to IDLE.
+            established, or `disconnect()` was called meanwhile; ``.exc``
+            holds the root cause. The runstate is back to IDLE.
         """
         _check_address(address)
-        await self._session_guard(self._do_connect(address, ssl),
-                                  "Failed to establish connection")
-        await self._session_guard(self._establish_session(),
-                                  "Failed to establish session")
+        await self._connect(address, ssl)
 
     @require(Runstate.IDLE)
     async def open_with_socket(self, sock: socket.socket) -> None:
@@ -307,14 +315,12 @@ class AsyncProtocol(Generic[T]):
         now on and closes it at disconnect.
 
         :raise StateError: When the runstate is not IDLE.
+        :raise TypeError: When `sock` is not a socket.
         :raise ConnectError: When the session cannot be established.
         """
         if not isinstance(sock, socket.socket):
             raise TypeError(f"expected a socket.socket, not {sock!r}")
-        await self._session_guard(self._do_connect(sock, None),
-                                  "Failed to establish connection")
-        await self._session_guard(self._establish_session(),
-                                  "Failed to establish session")
+        await self._connect(sock, None)
 
     @require(Runstate.IDLE)
     async def start_server(self, address: SocketAddr,
@@ -324,37 +330,40 @@ class AsyncProtocol(Generic[T]):
 
         Returns as soon as the socket listens; the runstate is then
         CONNECTING. A unix socket file this call creates is removed
-        again when listening stops.
+        again when listening stops. `disconnect()` stops listening.
 
         :param address: A unix socket path or a ``(host, port)`` tuple.
         :param ssl: A server-side `ssl.SSLContext` for TLS, if any.
         :raise StateError: When the runstate is not IDLE.
+        :raise TypeError: When `address` is not an address.
         :raise ConnectError: When the socket cannot listen.
         """
         _check_address(address)
         if isinstance(address, socket.socket):
             raise TypeError("start_server() needs an address, not a socket")
-        await self._session_guard(self._do_start_server(address, ssl),
-                                  "Failed to start listening")
+        await self._attempt(
+            self._session_guard(self._do_start_server(address, ssl)),
+            "Failed to start listening")
 
     @require(Runstate.CONNECTING)
     async def accept(self) -> None:
         """
         Wait for the peer to connect, then start the session.
 
-        Cancel it (or wrap it in `asyncio.wait_for`) to give up; any
-        failure or cancellation stops listening and returns to IDLE.
+        Cancel it (or wrap it in `asyncio.wait_for`), or call
+        `disconnect()` from another task, to give up; any failure or
+        cancellation stops listening and returns to IDLE.
 
         :raise StateError: When the runstate is not CONNECTING.
-        :raise QMPError: When `start_server` was not called first.
+        :raise QMPError: When `start_server` was not called first, or
+            another connect or accept is in progress.
         :raise ConnectError: When the session cannot be established.
         """
-        if self._accepted is None:
-            raise QMPError("accept() needs a start_server() call first")
-        await self._session_guard(self._do_accept(),
-                                  "Failed to accept a connection")
-        await self._session_guard(self._establish_session(),
-                                  "Failed to establish session")
+        if self._accepted is None or self._attempt_task is not None:
+            raise QMPError("accept() needs a start_server() call first, "
+                           "and no other connect or accept in progress")
+        await self._attempt(self._accept_phases(),
+                            "Failed to accept a connection")
 
     @require(Runstate.IDLE)
     async def start_server_and_accept(
@@ -374,12 +383,20 @@ class AsyncProtocol(Generic[T]):
         End the session and return to IDLE; idempotent.
 
         Waits for the reader and writer tasks to stop and the stream to
-        close. Messages queued but not yet written are dropped.
+        close. Messages queued but not yet written are dropped. Called
+        while another task connects or accepts, it aborts that attempt
+        (which raises `ConnectError`) and waits until it has unwound.
 
         :raise Exception: The failure that ended the session on its own
             (a `ProtocolError`, an `OSError`, ...), re-raised once; the
             runstate is IDLE all the same.
         """
+        attempt, unwound = self._attempt_task, self._attempt_unwound
+        if (attempt is not None and unwound is not None
+                and attempt is not asyncio.current_task()):
+            self.logger.debug("disconnect() aborts the connection attempt.")
+            attempt.cancel()
+            await asyncio.wait((unwound,))
         if self._runstate is Runstate.IDLE:
             return
         self.logger.debug("disconnect() called.")
@@ -390,9 +407,15 @@ class AsyncProtocol(Generic[T]):
     # Session machinery.
 
     def _get_runstate_event(self) -> asyncio.Event:
-        """Runs in the loop thread; makes the event there (py3.9 binds)."""
-        if self._runstate_event is None:
+        """
+        Runs in the loop thread: the event behind `runstate_changed`,
+        made in the running loop (an asyncio.Event belongs to one loop,
+        and a client may be reused under a new one after disconnect).
+        """
+        loop = asyncio.get_running_loop()
+        if self._runstate_event is None or self._runstate_loop is not loop:
             self._runstate_event = asyncio.Event()
+            self._runstate_loop = loop
         return self._runstate_event
 
     def _set_state(self, state: Runstate) -> None:
@@ -406,7 +429,81 @@ class AsyncProtocol(Generic[T]):
         event.set()
         event.clear()
 
-    async def _session_guard(self, coro: Awaitable[None], emsg: str) -> None:
+    async def _attempt(self, phases: Coroutine[Any, Any, None],
+                       emsg: str) -> None:
+        """
+        Runs in the loop thread: run the phases of a connect or accept
+        as a task of their own, so that `disconnect()` can abort them
+        without cancelling the caller's task.
+
+        Enters CONNECTING before it yields, so that the runstate check
+        of the caller and the state change are one step. However the
+        attempt ends, the runstate is RUNNING or IDLE when this returns.
+
+        :raise ConnectError: When a phase fails (the phases wrap their
+            own errors), or with a `QMPError` root cause when
+            `disconnect()` aborted the attempt.
+        """
+        loop = asyncio.get_running_loop()
+        self._set_state(Runstate.CONNECTING)
+        attempt = loop.create_task(phases)
+        unwound = loop.create_future()
+        self._attempt_task, self._attempt_unwound = attempt, unwound
+        try:
+            try:
+                await asyncio.wait((attempt,))
+            except BaseException:
+                # The caller was cancelled (a timeout, say): abort the
+                # attempt and unwind it before the caller gets control.
+                attempt.cancel()
+                await asyncio.wait((attempt,))
+                raise
+            finally:
+                # From here on, disconnect() takes its ordinary path.
+                self._attempt_task = None
+                if attempt.cancelled() and self._runstate is not (
+                        Runstate.IDLE):
+                    # Cancelled before its first step, so its own guard
+                    # never ran: reset here.
+                    await self._reset_quietly()
+        finally:
+            self._attempt_task = self._attempt_unwound = None
+            unwound.set_result(None)
+        if attempt.cancelled():
+            raise ConnectError(emsg, QMPError(
+                "disconnect() was called while connecting"))
+        attempt.result()
+
+    async def _connect(self, address: SocketAddr | socket.socket,
+                       ssl: SSLContext | None) -> None:
+        """Runs in the loop thread: `connect` after its checks."""
+        try:
+            await self._attempt(self._connect_phases(address, ssl),
+                                "Failed to establish connection")
+        except BaseException:
+            if isinstance(address, socket.socket):
+                # Ours even if the attempt never got to use it.
+                address.close()
+            raise
+
+    async def _connect_phases(self, address: SocketAddr | socket.socket,
+                              ssl: SSLContext | None) -> None:
+        """Runs in the loop thread, as the attempt task of `connect`."""
+        await self._session_guard(self._do_connect(address, ssl),
+                                  "Failed to establish connection")
+        await self._session_guard(self._establish_session(),
+                                  "Failed to establish session")
+
+    async def _accept_phases(self) -> None:
+        """Runs in the loop thread, as the attempt task of `accept`."""
+        await self._session_guard(self._do_accept(),
+                                  "Failed to accept a connection")
+        await self._session_guard(self._establish_session(),
+                                  "Failed to establish session")
+
+    async def _session_guard(self, coro: Awaitable[None],
+                             emsg: str = "Failed to start listening"
+                             ) -> None:
         """
         Runs in the loop thread: await `coro`; on any failure go back to
         IDLE and raise.
@@ -419,24 +516,25 @@ class AsyncProtocol(Generic[T]):
             await coro
         except BaseException as err:
             self.logger.debug("%s: %s", emsg, exception_summary(err))
-            try:
-                await self.disconnect()
-            except Exception as cleanup_err:
-                # A half-built session can fail again while it is torn
-                # down; the first error is the one the caller needs.
-                self.logger.debug("Ignoring error from cleanup: %s",
-                                  exception_summary(cleanup_err))
+            await self._reset_quietly()
             if isinstance(err, Exception):
                 raise ConnectError(emsg, err) from err
             raise
 
+    async def _reset_quietly(self) -> None:
+        """Runs in the loop thread: tear a half-built session down to
+        IDLE, ignoring errors from the teardown."""
+        try:
+            await self.disconnect()
+        except Exception as err:
+            # A half-built session can fail again while it is torn down;
+            # the caller needs the first error, not this one.
+            self.logger.debug("Ignoring error from cleanup: %s",
+                              exception_summary(err))
+
     async def _do_connect(self, address: SocketAddr | socket.socket,
                           ssl: SSLContext | None) -> None:
         """Runs in the loop thread: open the stream as a client."""
-        self._set_state(Runstate.CONNECTING)
-        # Let runstate watchers see CONNECTING even if opening fails
-        # synchronously.
-        await asyncio.sleep(0)
         limit = self.readbuflen
         self.logger.debug("Connecting to %s ...", address)
         if isinstance(address, socket.socket):
@@ -453,8 +551,6 @@ class AsyncProtocol(Generic[T]):
     async def _do_start_server(self, address: SocketAddr,
                                ssl: SSLContext | None) -> None:
         """Runs in the loop thread: bind and listen."""
-        self._set_state(Runstate.CONNECTING)
-        await asyncio.sleep(0)
         self._accepted = asyncio.get_running_loop().create_future()
         self.logger.debug("Listening on %s ...", address)
         if isinstance(address, tuple):

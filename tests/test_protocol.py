@@ -425,3 +425,95 @@ async def test_tls_connect(tmp_path: Path) -> None:
     assert isinstance(info.value.exc, ssl.SSLError)
     assert proto.runstate is IDLE
     await echo.close()
+
+
+async def test_disconnect_aborts_a_connect_in_progress() -> None:
+    """disconnect() from another task aborts a connect that waits on its
+    session: the connect raises ConnectError, both end in IDLE."""
+    proto = LineProtocol()
+    proto.hold_session = asyncio.get_running_loop().create_future()
+    mine, theirs = socket.socketpair()
+    connecting = asyncio.ensure_future(proto.connect(mine))
+    while proto.runstate is not CONNECTING:
+        await proto.runstate_changed()
+    await proto.disconnect()
+    assert proto.runstate is IDLE
+    with pytest.raises(ConnectError, match="disconnect\\(\\) was called"):
+        await connecting
+    assert mine.fileno() == -1
+    theirs.close()
+
+
+async def test_disconnect_aborts_accept_and_stops_listening(
+        sock_path: str) -> None:
+    """disconnect() aborts a waiting accept() and removes the socket; a
+    listening client with no accept() running just stops listening."""
+    proto = LineProtocol()
+    await proto.start_server(sock_path)
+    accepting = asyncio.ensure_future(proto.accept())
+    await asyncio.sleep(0)
+    await proto.disconnect()
+    with pytest.raises(ConnectError, match="disconnect"):
+        await accepting
+    assert proto.runstate is IDLE
+    assert not os.path.exists(sock_path)
+
+    await proto.start_server(sock_path)
+    await proto.disconnect()
+    assert proto.runstate is IDLE
+    assert not os.path.exists(sock_path)
+
+
+async def test_second_accept_is_refused(sock_path: str) -> None:
+    """Only one accept() may wait at a time."""
+    proto = LineProtocol()
+    await proto.start_server(sock_path)
+    accepting = asyncio.ensure_future(proto.accept())
+    await asyncio.sleep(0)
+    with pytest.raises(QMPError, match="no other connect or accept"):
+        await proto.accept()
+    _, peer_writer = await asyncio.open_unix_connection(sock_path)
+    await accepting
+    assert proto.runstate is RUNNING
+    await proto.disconnect()
+    peer_writer.close()
+
+
+def test_client_reused_under_a_new_event_loop() -> None:
+    """A disconnected client works again under another event loop."""
+    proto = LineProtocol()
+
+    async def session() -> None:
+        mine, theirs = socket.socketpair()
+        watcher = RunstateWatcher(proto)
+        await proto.connect(mine)
+        theirs.sendall(b"ping\n")
+        assert await proto.inbox.get() == b"ping\n"
+        await proto.disconnect()
+        assert await watcher.stop() == [IDLE, CONNECTING, RUNNING,
+                                         DISCONNECTING, IDLE]
+        theirs.close()
+        proto._inbox = None  # the test's queue belongs to the old loop
+
+    asyncio.run(session())
+    asyncio.run(session())
+
+
+async def test_backpressure_keeps_order() -> None:
+    """Messages sent faster than the peer reads are queued for the writer
+    and all arrive, in order."""
+    proto = LineProtocol()
+    mine, theirs = socket.socketpair()
+    await proto.connect(mine)
+    chunk = b"z" * 100_000
+    for n in range(100):
+        proto.send(b"%d:" % n + chunk)
+    assert proto._outgoing is not None and not proto._outgoing.empty(), (
+        "the transport buffer filled and messages were queued")
+    peer_reader, peer_writer = await asyncio.open_connection(
+        sock=theirs, limit=1 << 20)
+    for n in range(100):
+        line = await peer_reader.readline()
+        assert line == b"%d:" % n + chunk + b"\n"
+    await proto.disconnect()
+    peer_writer.close()
