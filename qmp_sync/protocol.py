@@ -341,9 +341,10 @@ class AsyncProtocol(Generic[T]):
         _check_address(address)
         if isinstance(address, socket.socket):
             raise TypeError("start_server() needs an address, not a socket")
+        emsg = "Failed to start listening"
         await self._attempt(
-            self._session_guard(self._do_start_server(address, ssl)),
-            "Failed to start listening")
+            self._session_guard(self._do_start_server(address, ssl), emsg),
+            emsg)
 
     @require(Runstate.CONNECTING)
     async def accept(self) -> None:
@@ -437,8 +438,9 @@ class AsyncProtocol(Generic[T]):
         without cancelling the caller's task.
 
         Enters CONNECTING before it yields, so that the runstate check
-        of the caller and the state change are one step. However the
-        attempt ends, the runstate is RUNNING or IDLE when this returns.
+        of the caller and the state change are one step. If the attempt
+        fails, is aborted, or the caller is cancelled (even just as the
+        attempt succeeded), the runstate is IDLE when this returns.
 
         :raise ConnectError: When a phase fails (the phases wrap their
             own errors), or with a `QMPError` root cause when
@@ -449,22 +451,28 @@ class AsyncProtocol(Generic[T]):
         attempt = loop.create_task(phases)
         unwound = loop.create_future()
         self._attempt_task, self._attempt_unwound = attempt, unwound
+        caller_cancelled = False
         try:
             try:
                 await asyncio.wait((attempt,))
             except BaseException:
                 # The caller was cancelled (a timeout, say): abort the
                 # attempt and unwind it before the caller gets control.
+                caller_cancelled = True
                 attempt.cancel()
                 await asyncio.wait((attempt,))
+                if not attempt.cancelled():
+                    attempt.exception()  # seen; the caller gets its own
                 raise
             finally:
                 # From here on, disconnect() takes its ordinary path.
                 self._attempt_task = None
-                if attempt.cancelled() and self._runstate is not (
-                        Runstate.IDLE):
-                    # Cancelled before its first step, so its own guard
-                    # never ran: reset here.
+                # Reset if the attempt was cancelled before its first
+                # step (its own guard never ran), or if it succeeded
+                # just as its caller was cancelled: the caller must not
+                # be left with a session it thinks failed.
+                if ((caller_cancelled or attempt.cancelled())
+                        and self._runstate is not Runstate.IDLE):
                     await self._reset_quietly()
         finally:
             self._attempt_task = self._attempt_unwound = None
@@ -501,8 +509,7 @@ class AsyncProtocol(Generic[T]):
         await self._session_guard(self._establish_session(),
                                   "Failed to establish session")
 
-    async def _session_guard(self, coro: Awaitable[None],
-                             emsg: str = "Failed to start listening"
+    async def _session_guard(self, coro: Awaitable[None], emsg: str
                              ) -> None:
         """
         Runs in the loop thread: await `coro`; on any failure go back to
@@ -680,8 +687,8 @@ class AsyncProtocol(Generic[T]):
         Runs in the loop thread, as the disconnect task: stop listening,
         stop the reader and writer, close the stream.
 
-        Never raises; a failure while closing is kept for `disconnect()`
-        only if the session had not already failed.
+        Never raises: the stream is closed whatever happens, which is
+        all `disconnect()` promises; errors while closing are logged.
         """
         self._stop_server()
         for task in (self._writer_task, self._reader_task):

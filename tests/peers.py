@@ -124,6 +124,7 @@ class LineProtocol(AsyncProtocol[bytes]):
         self.fail_on_send: BaseException | None = None
         #: Awaited by _establish_session before the session starts.
         self.hold_session: asyncio.Future[None] | None = None
+        self._holding: asyncio.Event | None = None
 
     @property
     def inbox(self) -> asyncio.Queue[bytes]:
@@ -132,8 +133,16 @@ class LineProtocol(AsyncProtocol[bytes]):
             self._inbox = asyncio.Queue()
         return self._inbox
 
+    @property
+    def holding(self) -> asyncio.Event:
+        """Set when _establish_session starts waiting for hold_session."""
+        if self._holding is None:
+            self._holding = asyncio.Event()
+        return self._holding
+
     async def _establish_session(self) -> None:
         if self.hold_session is not None:
+            self.holding.set()
             await self.hold_session
         await super()._establish_session()
 

@@ -517,3 +517,21 @@ async def test_backpressure_keeps_order() -> None:
         assert line == b"%d:" % n + chunk + b"\n"
     await proto.disconnect()
     peer_writer.close()
+
+
+async def test_cancelled_just_as_connect_succeeds() -> None:
+    """A connect cancelled in the same instant it succeeds still leaves
+    the client IDLE, so the caller's view (it failed) holds."""
+    proto = LineProtocol()
+    proto.hold_session = asyncio.get_running_loop().create_future()
+    mine, theirs = socket.socketpair()
+    connecting = asyncio.ensure_future(proto.connect(mine))
+    await proto.holding.wait()
+    proto.hold_session.set_result(None)
+    connecting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await connecting
+    assert proto.runstate is IDLE
+    theirs.settimeout(5)
+    assert theirs.recv(1) == b""
+    theirs.close()
