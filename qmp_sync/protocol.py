@@ -72,15 +72,16 @@ SocketAddr = Union[UnixAddr, InternetAddr]
 
 
 class Runstate(enum.Enum):
-    """Where a connection is in its life."""
+    """
+    Where a connection is in its life: IDLE (nothing open; ready to
+    connect), CONNECTING (opening the stream, listening, or establishing
+    the session), RUNNING (messages flow both ways), DISCONNECTING (the
+    session is ending, or has ended and waits for `disconnect()`).
+    """
 
-    #: No connection, nothing running; ready to connect.
     IDLE = 0
-    #: Opening the stream or establishing the session.
     CONNECTING = 1
-    #: The session is up; messages flow both ways.
     RUNNING = 2
-    #: The session is ending, or has ended and waits for `disconnect()`.
     DISCONNECTING = 3
 
 

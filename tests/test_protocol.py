@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peers import LineProtocol, RunstateWatcher
@@ -53,6 +54,20 @@ class EchoServer:
 @pytest.fixture
 def sock_path(tmp_path: Path) -> str:
     return str(tmp_path / "proto.sock")
+
+
+async def connected(**kwargs: Any) -> tuple[LineProtocol, socket.socket]:
+    """A LineProtocol in RUNNING on a socketpair, and the peer's end."""
+    proto = LineProtocol(**kwargs)
+    mine, theirs = socket.socketpair()
+    await proto.connect(mine)
+    return proto, theirs
+
+
+async def ended(proto: LineProtocol) -> None:
+    """Wait until the session has ended by itself."""
+    while proto.runstate is RUNNING:
+        await proto.runstate_changed()
 
 
 async def echo_unix(path: str) -> EchoServer:
@@ -289,14 +304,11 @@ async def test_cancel_during_session_setup_returns_to_idle() -> None:
 async def test_reader_failure_is_raised_once_by_disconnect() -> None:
     """A failure in the reader ends the session; disconnect() raises it
     once and returns to IDLE."""
-    proto = LineProtocol()
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected()
     boom = RuntimeError("handler broke")
     proto.fail_on_message = boom
     theirs.sendall(b"trigger\n")
-    while proto.runstate is RUNNING:
-        await proto.runstate_changed()
+    await ended(proto)
     assert proto.runstate is DISCONNECTING
     with pytest.raises(RuntimeError) as info:
         await proto.disconnect()
@@ -308,13 +320,10 @@ async def test_reader_failure_is_raised_once_by_disconnect() -> None:
 
 async def test_writer_failure_is_raised_once_by_disconnect() -> None:
     """A failure in the writer ends the session the same way."""
-    proto = LineProtocol()
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected()
     proto.fail_on_send = OSError("disk on fire")
     proto.send(b"x")
-    while proto.runstate is RUNNING:
-        await proto.runstate_changed()
+    await ended(proto)
     with pytest.raises(OSError, match="disk on fire"):
         await proto.disconnect()
     assert proto.runstate is IDLE
@@ -323,13 +332,10 @@ async def test_writer_failure_is_raised_once_by_disconnect() -> None:
 
 async def test_concurrent_disconnects_raise_once() -> None:
     """Of several concurrent disconnect() calls exactly one raises."""
-    proto = LineProtocol()
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected()
     proto.fail_on_message = ValueError("bad")
     theirs.sendall(b"x\n")
-    while proto.runstate is RUNNING:
-        await proto.runstate_changed()
+    await ended(proto)
     results = await asyncio.gather(
         *(proto.disconnect() for _ in range(3)), return_exceptions=True)
     assert sum(isinstance(r, ValueError) for r in results) == 1
@@ -340,12 +346,9 @@ async def test_concurrent_disconnects_raise_once() -> None:
 
 async def test_peer_eof_is_a_clean_end() -> None:
     """A peer that hangs up ends the session; disconnect() does not raise."""
-    proto = LineProtocol()
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected()
     theirs.close()
-    while proto.runstate is RUNNING:
-        await proto.runstate_changed()
+    await ended(proto)
     assert proto.runstate is DISCONNECTING
     await proto.disconnect()
     assert proto.runstate is IDLE
@@ -354,12 +357,9 @@ async def test_peer_eof_is_a_clean_end() -> None:
 async def test_oversized_line_is_a_protocol_error() -> None:
     """A line over readbuflen ends the session with MessageTooLargeError
     naming the limit; the client can connect again afterwards."""
-    proto = LineProtocol(readbuflen=1024)
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected(readbuflen=1024)
     theirs.sendall(b"x" * 5000 + b"\n")
-    while proto.runstate is RUNNING:
-        await proto.runstate_changed()
+    await ended(proto)
     with pytest.raises(MessageTooLargeError,
                        match="exceeds the 1 KiB read limit") as info:
         await proto.disconnect()
@@ -502,9 +502,7 @@ def test_client_reused_under_a_new_event_loop() -> None:
 async def test_backpressure_keeps_order() -> None:
     """Messages sent faster than the peer reads are queued for the writer
     and all arrive, in order."""
-    proto = LineProtocol()
-    mine, theirs = socket.socketpair()
-    await proto.connect(mine)
+    proto, theirs = await connected()
     chunk = b"z" * 100_000
     for n in range(100):
         proto.send(b"%d:" % n + chunk)
