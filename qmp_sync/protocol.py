@@ -251,6 +251,8 @@ class AsyncProtocol(Generic[T]):
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._outgoing: asyncio.Queue[T] | None = None
+        # The loop of the current session; its objects belong to it.
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._dc_task: asyncio.Task[None] | None = None
@@ -622,11 +624,28 @@ class AsyncProtocol(Generic[T]):
         assert self._runstate is Runstate.CONNECTING
         self._outgoing = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        self._session_loop = loop
         self._reader_task = loop.create_task(
             self._bh_loop(self._bh_recv_message, "Reader"))
         self._writer_task = loop.create_task(
             self._bh_loop(self._bh_send_message, "Writer"))
         self._set_state(Runstate.RUNNING)
+
+    def _check_loop_thread(self, what: str) -> None:
+        """
+        Raise `QMPError` unless called in the thread that runs the
+        session's event loop: the session's asyncio objects work only
+        there. Cheap enough for hot paths.
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._session_loop:
+            raise QMPError(
+                f"{what} must be called from the thread running the event "
+                "loop this client connected in (from other threads, use "
+                "the blocking facade)")
 
     def _schedule_disconnect(self, error: BaseException | None) -> None:
         """

@@ -318,6 +318,7 @@ class QMPClient(AsyncProtocol[Message], Events):
         # The runstate check is inline, not @require: this is the hot path.
         if self._runstate is not Runstate.RUNNING:
             raise_state_error(self, Runstate.RUNNING)
+        self._check_loop_thread("execute()")
         sent, key = self._prepare(msg)
         future: asyncio.Future[Message] = (
             asyncio.get_running_loop().create_future())
@@ -399,16 +400,18 @@ class QMPClient(AsyncProtocol[Message], Events):
         Pass file descriptor `fd` to the server (SCM_RIGHTS).
 
         The server keeps it for the next command that takes a passed fd,
-        e.g. ``getfd`` or ``add-fd``. Runs in the loop thread.
+        e.g. ``getfd`` or ``add-fd``. Runs in the loop thread only.
 
         :raise StateError: When the client is not RUNNING.
         :raise TypeError: When `fd` is not an int.
         :raise QMPError: When the connection is not a plain unix socket,
-            or a message is still being written.
+            a message is still being written, or the call comes from
+            another thread than the loop's.
         :raise OSError: When `fd` is not an open file descriptor.
         """
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError(f"fd must be an int, not {fd!r}")
+        self._check_loop_thread("send_fd_scm()")
         assert self._writer is not None
         transport = self._writer.transport
         sock = transport.get_extra_info("socket")

@@ -8,14 +8,12 @@ loop that awaits it.
 from __future__ import annotations
 
 import asyncio
-import traceback
 from typing import Any
 
 __all__ = (
     "cancel_and_wait",
     "exception_summary",
     "format_size",
-    "pretty_traceback",
 )
 
 
@@ -31,12 +29,6 @@ def exception_summary(exc: BaseException) -> str:
         name = f"{cls.__module__}.{name}"
     text = str(exc)
     return f"{name}: {text}" if text else name
-
-
-def pretty_traceback(exc: BaseException) -> str:
-    """Return the formatted traceback of `exc`, for debug logs."""
-    return "".join(traceback.format_exception(type(exc), exc,
-                                              exc.__traceback__))
 
 
 def format_size(nbytes: int) -> str:

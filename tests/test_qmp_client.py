@@ -509,3 +509,33 @@ async def fake_tcp(reader: asyncio.StreamReader,
     await reader.read()
     writer.close()
 
+
+
+async def test_calls_from_another_thread_or_loop_are_refused() -> None:
+    """execute() under another event loop and send_fd_scm() from another
+    thread fail with a clear QMPError instead of corrupting the session."""
+    client, fake = await connect()
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            client.send_fd_scm(0)
+        except QMPError as err:
+            errors.append(err)
+
+        async def other_loop() -> None:
+            await client.execute("query-status")
+
+        try:
+            asyncio.run(other_loop())
+        except QMPError as err:
+            errors.append(err)
+
+    await asyncio.get_running_loop().run_in_executor(None, elsewhere)
+    assert len(errors) == 2
+    assert all("thread running the event loop" in str(e) for e in errors)
+    task = asyncio.ensure_future(client.execute("still-fine"))
+    await fake.answer()
+    assert await task == {}
+    assert len(fake.received) == 2
+    await client.disconnect()
