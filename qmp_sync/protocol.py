@@ -55,6 +55,7 @@ __all__ = (
     "Runstate",
     "SocketAddr",
     "StateError",
+    "peer_hung_up",
     "require",
 )
 
@@ -197,6 +198,16 @@ def raise_state_error(proto: AsyncProtocol[Any], required: Runstate
         f"(runstate {proto.runstate.name}); this call needs "
         f"{required.name}",
         proto.runstate, required)
+
+
+def peer_hung_up(error: BaseException) -> bool:
+    """
+    True when `error` only means the peer went away: end of stream, or
+    a reset or broken pipe (what a killed peer with unread data in its
+    socket causes instead of a plain end of stream).
+    """
+    return isinstance(error, (EOFError, ConnectionResetError,
+                              BrokenPipeError))
 
 
 def _check_address(address: object) -> None:
@@ -653,11 +664,11 @@ class AsyncProtocol(Generic[T]):
 
         Called by `disconnect()` (``error`` is None) and by the reader or
         writer task when it ends: with its failure, or with `EOFError`
-        when the peer closed the stream. The first failure other than
-        `EOFError` is kept for `disconnect()` to raise; the end of the
-        stream is how sessions normally end, not a failure.
+        when the peer closed the stream. The first failure is kept for
+        `disconnect()` to raise, unless it only says that the peer hung
+        up (see `peer_hung_up`): that is how sessions normally end.
         """
-        if (error is not None and not isinstance(error, EOFError)
+        if (error is not None and not peer_hung_up(error)
                 and self._session_error is None):
             self._session_error = error
         if self._dc_task is not None:
@@ -845,8 +856,9 @@ class AsyncProtocol(Generic[T]):
     def _on_session_end(self, error: BaseException | None) -> None:
         """
         Hook, runs in the loop thread: the session has started to end,
-        because of `error` (None for `disconnect()`, `EOFError` when the
-        peer closed the stream).
+        because of `error` (None for `disconnect()`; `EOFError` or
+        another error for which `peer_hung_up` holds when the peer went
+        away).
 
         Called once per session, before the reader and writer stop.
         Must not block and should not raise.

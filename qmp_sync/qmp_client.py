@@ -28,6 +28,7 @@ from .protocol import (
     DEFAULT_READBUFLEN,
     AsyncProtocol,
     Runstate,
+    peer_hung_up,
     raise_state_error,
     require,
 )
@@ -553,6 +554,8 @@ class QMPClient(AsyncProtocol[Message], Events):
             reason = "the client disconnected"
         elif isinstance(error, EOFError):
             reason = "the server closed the connection"
+        elif peer_hung_up(error):
+            reason = f"the server closed the connection ({error})"
         else:
             reason = str(error) or type(error).__name__
         pending, self._pending = self._pending, {}

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import socket
 
 import pytest
 from peers import GREETING, FakeQMP
@@ -539,3 +540,28 @@ async def test_calls_from_another_thread_or_loop_are_refused() -> None:
     assert await task == {}
     assert len(fake.received) == 2
     await client.disconnect()
+
+
+async def test_server_reset_is_a_hangup_not_a_failure() -> None:
+    """A server that dies with unread data resets the connection: the
+    command in flight is interrupted and names the reset, disconnect()
+    does not raise (the same as a plain end of stream)."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    theirs.sendall(json.dumps(GREETING).encode() + b"\n")
+    client = QMPClient()
+    connecting = asyncio.ensure_future(client.open_with_socket(mine))
+    negotiation = json.loads(await loop.sock_recv(theirs, 4096))
+    theirs.sendall(json.dumps({"id": negotiation["id"], "return": {}})
+                   .encode() + b"\n")
+    await connecting
+    # Written at once (nothing queued), so it sits unread in `theirs`.
+    _, _, future = client._submit({"execute": "query-status"})
+    theirs.close()
+    with pytest.raises(ExecInterruptedError, match="reset") as info:
+        await future
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    await session_end(client)
+    await client.disconnect()
+    assert client.runstate is Runstate.IDLE
