@@ -10,7 +10,7 @@ bash tools/setup.sh
 echo "== mypy --strict qmp_sync"
 .venv/bin/mypy qmp_sync
 echo "== ruff check"
-.venv/bin/ruff check qmp_sync tests tools
+.venv/bin/ruff check qmp_sync tests tools tools/bench
 echo "== pytest"
 .venv/bin/pytest "$@"
 
