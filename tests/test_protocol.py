@@ -318,16 +318,26 @@ async def test_reader_failure_is_raised_once_by_disconnect() -> None:
     theirs.close()
 
 
-async def test_writer_failure_is_raised_once_by_disconnect() -> None:
-    """A failure in the writer ends the session the same way."""
+@pytest.mark.parametrize("queued", [False, True])
+async def test_writer_failure_is_raised_once_by_disconnect(
+        queued: bool) -> None:
+    """A failure to write ends the session the same way, whether the
+    message was written at once or queued for the writer task."""
     proto, theirs = await connected()
+    peer_reader, peer_writer = await asyncio.open_connection(sock=theirs)
+    if queued:
+        for _ in range(50):
+            proto.send(b"z" * 100_000)
+        assert proto._outgoing is not None
+        assert not proto._outgoing.empty()
     proto.fail_on_send = OSError("disk on fire")
     proto.send(b"x")
+    await peer_reader.read()  # drain, so the writer task gets its turn
     await ended(proto)
     with pytest.raises(OSError, match="disk on fire"):
         await proto.disconnect()
     assert proto.runstate is IDLE
-    theirs.close()
+    peer_writer.close()
 
 
 async def test_concurrent_disconnects_raise_once() -> None:
