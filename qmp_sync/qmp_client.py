@@ -177,7 +177,8 @@ class QMPClient(AsyncProtocol[Message], Events):
 
     logger = logging.getLogger(__name__)
 
-    #: Wait for (and check) the server's greeting when connecting.
+    #: Wait for (and check) the server's greeting when connecting; done
+    #: regardless when `negotiate` is set, as negotiation follows it.
     await_greeting = True
     #: Negotiate capabilities when connecting (False for qemu-ga).
     negotiate = True
