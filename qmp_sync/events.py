@@ -165,15 +165,11 @@ class Events:
 
         :raise ValueError: When one of them is registered already.
         """
-        done: list[EventListener] = []
-        try:
+        with contextlib.ExitStack() as registered:
             for listener in listeners:
                 self.register_listener(listener)
-                done.append(listener)
+                registered.callback(self.remove_listener, listener)
             yield
-        finally:
-            for listener in done:
-                self.remove_listener(listener)
 
     @contextlib.contextmanager
     def listener(self, names: str | Iterable[str] | None = None,

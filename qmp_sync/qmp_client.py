@@ -154,6 +154,22 @@ class ExecInterruptedError(QMPError):
     """
 
 
+class _SentCommand(Message):
+    """
+    A command as the client sends it: serialised once, when created, so
+    that a value that is not JSON fails in the caller, before anything
+    is sent, and the writer sends these very bytes. The client owns it
+    and never changes it afterwards.
+    """
+
+    def __init__(self, msg: Message) -> None:
+        self.data = msg.data
+        self.wire = Message.__bytes__(self)
+
+    def __bytes__(self) -> bytes:
+        return self.wire
+
+
 def _id_key(value: object) -> object:
     """A hashable key for a message id (ids may be any JSON value)."""
     if type(value) is str:
@@ -381,10 +397,7 @@ class QMPClient(AsyncProtocol[Message], Events):
             self._next_id += 1
             key = f"{_ID_PREFIX}{self._next_id}"
             sent["id"] = key
-        # Serialise now: a value that is not JSON fails here, in the
-        # caller, and the writer sends these very bytes.
-        sent._freeze_wire()
-        return sent, key
+        return _SentCommand(sent), key
 
     @staticmethod
     def _check_error(reply: Message, sent: Message) -> None:
