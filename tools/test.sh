@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 
 echo "== mypy --strict qmp_sync"
-.venv/bin/mypy qmp_sync
+.venv/bin/mypy --strict qmp_sync
 echo "== ruff check"
 .venv/bin/ruff check qmp_sync tests tools tools/bench
 echo "== pytest"
