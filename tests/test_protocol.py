@@ -70,6 +70,27 @@ async def ended(proto: LineProtocol) -> None:
         await proto.runstate_changed()
 
 
+async def held_connect(*, until_holding: bool
+                       ) -> tuple[LineProtocol, socket.socket, socket.socket,
+                                  asyncio.Future[None]]:
+    """
+    A connect() in progress that cannot finish until
+    ``proto.hold_session`` is resolved: returned as soon as it is
+    CONNECTING (its attempt task may not have started yet), or, with
+    `until_holding`, once it waits inside session setup. Returns the
+    protocol, both socket ends and the connect's future.
+    """
+    proto = LineProtocol()
+    proto.hold_session = asyncio.get_running_loop().create_future()
+    mine, theirs = socket.socketpair()
+    connecting = asyncio.ensure_future(proto.connect(mine))
+    if until_holding:
+        await proto.holding.wait()
+    while proto.runstate is not CONNECTING:
+        await proto.runstate_changed()
+    return proto, mine, theirs, connecting
+
+
 async def echo_unix(path: str) -> EchoServer:
     echo = EchoServer()
     echo.server = await asyncio.start_unix_server(echo.handle, path)
@@ -191,12 +212,7 @@ async def test_wrong_state_calls(sock_path: str) -> None:
 
 async def test_accept_needs_start_server() -> None:
     """accept() while another connect is in progress is a clear error."""
-    proto = LineProtocol()
-    proto.hold_session = asyncio.get_running_loop().create_future()
-    mine, theirs = socket.socketpair()
-    connecting = asyncio.ensure_future(proto.connect(mine))
-    while proto.runstate is not CONNECTING:
-        await proto.runstate_changed()
+    proto, _, theirs, connecting = await held_connect(until_holding=False)
     with pytest.raises(QMPError, match="start_server"):
         await proto.accept()
     proto.hold_session.set_result(None)
@@ -437,15 +453,14 @@ async def test_tls_connect(tmp_path: Path) -> None:
     await echo.close()
 
 
-async def test_disconnect_aborts_a_connect_in_progress() -> None:
-    """disconnect() from another task aborts a connect that waits on its
-    session: the connect raises ConnectError, both end in IDLE."""
-    proto = LineProtocol()
-    proto.hold_session = asyncio.get_running_loop().create_future()
-    mine, theirs = socket.socketpair()
-    connecting = asyncio.ensure_future(proto.connect(mine))
-    while proto.runstate is not CONNECTING:
-        await proto.runstate_changed()
+@pytest.mark.parametrize("until_holding", [False, True])
+async def test_disconnect_aborts_a_connect_in_progress(
+        until_holding: bool) -> None:
+    """disconnect() from another task aborts a connect, whether its
+    attempt has not started yet or waits in session setup: the connect
+    raises ConnectError, both end in IDLE, the socket is closed."""
+    proto, mine, theirs, connecting = await held_connect(
+        until_holding=until_holding)
     await proto.disconnect()
     assert proto.runstate is IDLE
     with pytest.raises(ConnectError, match="disconnect\\(\\) was called"):
@@ -530,11 +545,8 @@ async def test_backpressure_keeps_order() -> None:
 async def test_cancelled_just_as_connect_succeeds() -> None:
     """A connect cancelled in the same instant it succeeds still leaves
     the client IDLE, so the caller's view (it failed) holds."""
-    proto = LineProtocol()
-    proto.hold_session = asyncio.get_running_loop().create_future()
-    mine, theirs = socket.socketpair()
-    connecting = asyncio.ensure_future(proto.connect(mine))
-    await proto.holding.wait()
+    proto, _, theirs, connecting = await held_connect(until_holding=True)
+    assert proto.hold_session is not None
     proto.hold_session.set_result(None)
     connecting.cancel()
     with pytest.raises(asyncio.CancelledError):
