@@ -1,9 +1,11 @@
 """
 qmp_sync: a QMP client for QEMU with an asyncio core.
 
-``QMPClient`` is the asyncio client; its layers are, from the bottom:
-``error``, ``util``, ``protocol`` (the generic core), ``message``,
-``events`` and ``qmp_client``. README.rst has the tutorial.
+``QMPSyncClient`` is the blocking, thread-safe client; ``QMPClient`` the
+asyncio client under it. The layers, from the bottom: ``error``,
+``util``, ``protocol`` (the generic core), ``message``, ``events``,
+``qmp_client``, ``_loop`` (the crossing between threads), ``sync`` and
+``legacy``. README.rst has the tutorial.
 """
 
 from .error import ProtocolError, QMPError
@@ -11,6 +13,7 @@ from .events import EventListener
 from .message import Message
 from .protocol import ConnectError, Runstate, StateError
 from .qmp_client import ExecInterruptedError, ExecuteError, QMPClient
+from .sync import QMPSyncClient
 
 __all__ = (
     "ConnectError",
@@ -21,6 +24,7 @@ __all__ = (
     "ProtocolError",
     "QMPClient",
     "QMPError",
+    "QMPSyncClient",
     "Runstate",
     "StateError",
 )

@@ -1,13 +1,14 @@
 """
 Event delivery for the async client: `EventListener` and `Events`.
 
-A client hands every inbound event to each registered `EventListener`
-whose names and filter accept it; each listener queues what it accepts
-until somebody takes it with `EventListener.get` (or ``async for``).
+A client hands every inbound event to each registered listener (an
+`EventSelector`) whose names and filter accept it. `EventListener`
+queues what it accepts until somebody takes it with `EventListener.get`
+(or ``async for``).
 
 Threads: all of this runs in the loop thread; nothing here is
-thread-safe. The blocking facade gets events across threads through its
-own listener class, built on `EventListener.put`.
+thread-safe. The blocking facade hands events to other threads through
+a listener of its own (``qmp_sync._loop.BlockingListener``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 from .message import Message
 from .util import exception_summary
 
-__all__ = ("EventFilter", "EventListener", "Events")
+__all__ = ("EventFilter", "EventListener", "EventSelector", "Events")
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ logger = logging.getLogger(__name__)
 EventFilter = Callable[[Message], bool]
 
 
-class EventListener:
+class EventSelector:
     """
-    A queue of the events a client received that this listener accepts.
+    The part every listener shares: which events it accepts. Subclasses
+    say what happens to an accepted event (`put`).
 
     :param names: An event name, or several; None accepts every name.
         Names compare case-insensitively.
@@ -40,13 +42,10 @@ class EventListener:
         return True to accept it. Runs in the loop thread, inside the
         reader: keep it quick and never block in it. If it raises, the
         error is logged and the event is not queued here.
-    :param history_len: How many of the most recent accepted events
-        `history` keeps.
     """
 
     def __init__(self, names: str | Iterable[str] | None = None,
-                 event_filter: EventFilter | None = None, *,
-                 history_len: int = 1000) -> None:
+                 event_filter: EventFilter | None = None) -> None:
         if isinstance(names, str):
             names = (names,)
         #: The accepted event names (upper case), or None for all.
@@ -54,16 +53,6 @@ class EventListener:
             None if names is None else frozenset(n.upper() for n in names))
         #: The filter given at construction, if any.
         self.event_filter = event_filter
-        #: The most recent events this listener accepted, oldest first.
-        self.history: collections.deque[Message] = collections.deque(
-            maxlen=history_len)
-        self._queue: collections.deque[Message] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def __repr__(self) -> str:
-        names = "all" if self.names is None else sorted(self.names)
-        return (f"<{type(self).__name__} names={names} "
-                f"queued={len(self._queue)}>")
 
     def accepts(self, event: Message) -> bool:
         """
@@ -77,6 +66,42 @@ class EventListener:
             if not isinstance(name, str) or name.upper() not in self.names:
                 return False
         return self.event_filter is None or bool(self.event_filter(event))
+
+    def put(self, event: Message) -> None:
+        """Runs in the loop thread: take an accepted event. Never
+        blocks."""
+        raise NotImplementedError
+
+    def session_ended(self) -> None:
+        """Runs in the loop thread: the session that fed this listener
+        has ended (no more events until the next one). Never blocks."""
+
+
+class EventListener(EventSelector):
+    """
+    A queue of the events a client received that this listener accepts.
+
+    :param names: An event name, or several; None accepts every name.
+        Names compare case-insensitively.
+    :param event_filter: See `EventSelector`.
+    :param history_len: How many of the most recent accepted events
+        `history` keeps.
+    """
+
+    def __init__(self, names: str | Iterable[str] | None = None,
+                 event_filter: EventFilter | None = None, *,
+                 history_len: int = 1000) -> None:
+        super().__init__(names, event_filter)
+        #: The most recent events this listener accepted, oldest first.
+        self.history: collections.deque[Message] = collections.deque(
+            maxlen=history_len)
+        self._queue: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        names = "all" if self.names is None else sorted(self.names)
+        return (f"<{type(self).__name__} names={names} "
+                f"queued={len(self._queue)}>")
 
     def put(self, event: Message) -> None:
         """
@@ -134,9 +159,9 @@ class Events:
         self.events = EventListener()
         # A tuple replaced on change, so dispatch iterates a snapshot even
         # if a filter registers or removes listeners.
-        self._listeners: tuple[EventListener, ...] = (self.events,)
+        self._listeners: tuple[EventSelector, ...] = (self.events,)
 
-    def register_listener(self, listener: EventListener) -> None:
+    def register_listener(self, listener: EventSelector) -> None:
         """
         Start feeding `listener` with events.
 
@@ -146,7 +171,7 @@ class Events:
             raise ValueError(f"{listener!r} is already registered")
         self._listeners += (listener,)
 
-    def remove_listener(self, listener: EventListener) -> None:
+    def remove_listener(self, listener: EventSelector) -> None:
         """
         Stop feeding `listener`; its queued events stay in it.
 
@@ -158,7 +183,7 @@ class Events:
             item for item in self._listeners if item is not listener)
 
     @contextlib.contextmanager
-    def listen(self, *listeners: EventListener) -> Iterator[None]:
+    def listen(self, *listeners: EventSelector) -> Iterator[None]:
         """
         Context manager: register `listeners` for the block, remove them
         after it.
@@ -199,3 +224,9 @@ class Events:
                 continue
             if accepted:
                 listener.put(event)
+
+    def _end_listeners(self) -> None:
+        """Runs in the loop thread: tell every listener that the session
+        has ended."""
+        for listener in self._listeners:
+            listener.session_ended()

@@ -380,6 +380,21 @@ class AsyncProtocol(Generic[T]):
         await self._attempt(self._accept_phases(),
                             "Failed to accept a connection")
 
+    @require(Runstate.CONNECTING)
+    async def _wait_incoming(self) -> None:
+        """
+        Runs in the loop thread: wait until a peer has connected to the
+        listening socket, without taking the connection (`accept` does).
+        Cancelling this wait leaves the socket listening.
+
+        :raise StateError: When the runstate is not CONNECTING.
+        :raise QMPError: When `start_server` was not called first.
+        """
+        accepted = self._accepted
+        if accepted is None:
+            raise QMPError("accept() needs a start_server() call first")
+        await asyncio.wait((accepted,))
+
     @require(Runstate.IDLE)
     async def start_server_and_accept(
             self, address: SocketAddr,

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
+from functools import partial
+from typing import Callable, Protocol
 
 from .error import ProtocolError, QMPError
 from .events import Events
@@ -40,6 +42,7 @@ __all__ = (
     "GreetingError",
     "NegotiationError",
     "QMPClient",
+    "ReplySink",
     "ServerParseError",
 )
 
@@ -170,6 +173,25 @@ class _SentCommand(Message):
         return self.wire
 
 
+#: A command as sent (with its id) and the server's reply to it.
+Exchange = tuple[Message, Message]
+
+
+class ReplySink(Protocol):
+    """
+    Where `QMPClient._submit` delivers the outcome of one command: an
+    `asyncio.Future` in the loop, or ``qmp_sync._loop.Reply`` for a
+    caller in another thread. Both methods are called in the loop
+    thread, at most once in all, and must not block.
+    """
+
+    def set_result(self, result: Exchange, /) -> None:
+        """The command and its reply, whatever the reply says."""
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        """The command ended without a reply (`ExecInterruptedError`)."""
+
+
 def _id_key(value: object) -> object:
     """A hashable key for a message id (ids may be any JSON value)."""
     if type(value) is str:
@@ -206,9 +228,8 @@ class QMPClient(AsyncProtocol[Message], Events):
         self._greeting: Message | None = None
         self._oob_enabled = False
         self._next_id = 0
-        # In flight: id key -> (future of the reply, the command sent).
-        self._pending: dict[object, tuple[asyncio.Future[Message],
-                                          Message]] = {}
+        # In flight: id key -> (where its reply goes, the command sent).
+        self._pending: dict[object, tuple[ReplySink, Message]] = {}
         # Ids whose callers gave up; their late replies are dropped quietly.
         self._abandoned: set[object] = set()
 
@@ -282,14 +303,7 @@ class QMPClient(AsyncProtocol[Message], Events):
         :raise: As `execute`; also `ValueError` for a message that is not
             a command or an id already in flight.
         """
-        sent, reply = await self._exchange(msg)
-        if "return" in reply and "error" not in reply:
-            return reply["return"]
-        if "error" in reply and "return" not in reply:
-            self._check_error(reply, sent)
-            raise ExecuteError(sent, reply)
-        raise BadReplyError("reply has neither or both of 'return' and "
-                            "'error'", reply, sent)
+        return self._reply_value(*await self._exchange(msg))
 
     async def execute_reply(self, msg: Mapping[str, object]) -> Message:
         """
@@ -301,35 +315,74 @@ class QMPClient(AsyncProtocol[Message], Events):
 
         :raise: As `execute_msg`, except `ExecuteError`.
         """
-        _sent, reply = await self._exchange(msg)
-        if "id" not in msg:
-            reply = Message._wrap(
+        return self._reply_message(*await self._exchange(msg))
+
+    # ------------------------------------------------------------------
+    # Reading replies; pure functions of the messages, safe in any thread.
+
+    @classmethod
+    def _reply_value(cls, sent: Message, reply: Message) -> object:
+        """
+        Any thread: the ``return`` value of `reply` to `sent`.
+
+        :raise ExecuteError: For an error reply.
+        :raise BadReplyError: For a malformed reply.
+        """
+        if "return" in reply and "error" not in reply:
+            return reply["return"]
+        if "error" in reply and "return" not in reply:
+            cls._check_error(reply, sent)
+            raise ExecuteError(sent, reply)
+        raise BadReplyError("reply has neither or both of 'return' and "
+                            "'error'", reply, sent)
+
+    @staticmethod
+    def _reply_message(sent: Message, reply: Message) -> Message:
+        """
+        Any thread: `reply` as the caller of `execute_reply` sees it, that
+        is without the id the client gave `sent` (an id of the caller's
+        own stays).
+        """
+        key = sent.get("id")
+        if isinstance(key, str) and key.startswith(_ID_PREFIX):
+            return Message._wrap(
                 {k: v for k, v in reply.items() if k != "id"})
         return reply
 
-    async def _exchange(self, msg: Mapping[str, object]
-                        ) -> tuple[Message, Message]:
+    # ------------------------------------------------------------------
+    # Sending commands; all run in the loop thread.
+
+    async def _exchange(self, msg: Mapping[str, object]) -> Exchange:
         """
         Runs in the loop thread: send a command, await its reply; return
         both (the sent message with its id, and the reply).
         """
-        sent, key, future = self._submit(msg)
+        future: asyncio.Future[Exchange] = (
+            asyncio.get_running_loop().create_future())
+        abandon = self._submit(msg, future)
         try:
-            return sent, await future
+            return await future
         except asyncio.CancelledError:
-            self._abandon(key, future)
+            abandon()
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                # The session ended just as the caller gave up: mark the
+                # error as seen, or asyncio logs it as never retrieved.
+                future.exception()
             raise
 
-    def _submit(self, msg: Mapping[str, object]
-                ) -> tuple[Message, object, asyncio.Future[Message]]:
+    def _submit(self, msg: Mapping[str, object],
+                sink: ReplySink) -> Callable[[], None]:
         """
         Runs in the loop thread: check and send a command without
-        waiting; return the message sent, its id key and the future of
-        its reply.
+        waiting for its reply.
 
-        The future gets the reply (whatever it says), or
-        `ExecInterruptedError` when the session ends first. A caller
-        that stops waiting for it must call `_abandon`.
+        `sink` gets the command as sent and its reply (whatever it
+        says), or `ExecInterruptedError` when the session ends first.
+        Returns the function to call if the caller stops waiting
+        (cancelled, timed out): it forgets the command, whose late reply
+        will then be dropped quietly, and leaves `sink` alone.
 
         :raise: As `execute_msg`, before anything is sent.
         """
@@ -338,28 +391,16 @@ class QMPClient(AsyncProtocol[Message], Events):
             raise_state_error(self, Runstate.RUNNING)
         self._check_loop_thread("execute()")
         sent, key = self._prepare(msg)
-        future: asyncio.Future[Message] = (
-            asyncio.get_running_loop().create_future())
-        self._pending[key] = (future, sent)
+        self._pending[key] = (sink, sent)
         self._enqueue(sent)
-        return sent, key, future
+        return partial(self._abandon, key, sink)
 
-    def _abandon(self, key: object, future: asyncio.Future[Message]) -> None:
-        """
-        Runs in the loop thread: the caller of `_submit` stopped waiting
-        (cancelled, timed out). Forget the command; its late reply will be
-        dropped quietly.
-        """
+    def _abandon(self, key: object, sink: ReplySink) -> None:
+        """Runs in the loop thread: see `_submit`."""
         entry = self._pending.get(key)
-        if entry is not None and entry[0] is future:
+        if entry is not None and entry[0] is sink:
             del self._pending[key]
             self._abandoned.add(key)
-        if not future.done():
-            future.cancel()
-        elif not future.cancelled():
-            # The session ended just as the caller gave up: mark the
-            # error as seen, or asyncio logs it as never retrieved.
-            future.exception()
 
     def _prepare(self, msg: Mapping[str, object]) -> tuple[Message, object]:
         """
@@ -447,6 +488,18 @@ class QMPClient(AsyncProtocol[Message], Events):
                            socket.SOCK_STREAM) as dup:
             dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                   fds.tobytes())])
+
+    async def _open_session(self, negotiate: bool,
+                            opening: Callable[..., Awaitable[None]],
+                            *args: object) -> None:
+        """
+        Runs in the loop thread: await ``opening(*args)`` (this client's
+        `connect`, `accept` or `open_with_socket`) with negotiation on or
+        off for this session. Off also skips the greeting: qemu-ga sends
+        none. The caller makes sure no other opening runs meanwhile.
+        """
+        self.await_greeting = self.negotiate = negotiate
+        await opening(*args)
 
     # ------------------------------------------------------------------
     # Session and message hooks; all run in the loop thread.
@@ -539,6 +592,12 @@ class QMPClient(AsyncProtocol[Message], Events):
             self._dispatch_event(msg)
             return
         if "id" not in msg:
+            if ("QMP" in msg and self._greeting is None
+                    and not (self.await_greeting or self.negotiate)):
+                # A greeting nobody waited for (negotiate=False, to a
+                # server that greets after all): keep it, it is no fault.
+                self._greeting = msg
+                return
             if "error" in msg:
                 # An id-less error means the server could not parse a
                 # command, so it cannot say which: no reply can be
@@ -559,7 +618,8 @@ class QMPClient(AsyncProtocol[Message], Events):
                 self.logger.warning("Dropping a reply with unknown id %r",
                                     msg["id"])
             return
-        entry[0].set_result(msg)
+        sink, sent = entry
+        sink.set_result((sent, msg))
 
     def _on_session_end(self, error: BaseException | None) -> None:
         """Runs in the loop thread: end every command in flight with
@@ -573,9 +633,10 @@ class QMPClient(AsyncProtocol[Message], Events):
         else:
             reason = str(error) or type(error).__name__
         pending, self._pending = self._pending, {}
-        for future, sent in pending.values():
+        for sink, sent in pending.values():
             name = sent.get("execute") or sent.get("exec-oob")
             exc = ExecInterruptedError(
                 f"{name!r} was interrupted: {reason}")
             exc.__cause__ = error
-            future.set_exception(exc)
+            sink.set_exception(exc)
+        self._end_listeners()

@@ -3,7 +3,9 @@ Test rig: async tests, a thread-leak check, and real QEMU.
 
 - ``async def`` tests run in a fresh event loop, each bounded by
   ``ASYNC_TEST_TIMEOUT`` on top of pytest-timeout's global limit.
-- Every test must leave no thread behind.
+- Every test must leave no thread behind, except the shared loop
+  thread of the blocking client, which lives as long as the process
+  (and there is only ever one).
 - The ``qemu`` fixture starts a guest-less ``qemu-system-x86_64`` whose
   QMP monitor listens on a unix socket the fixture created and bound
   itself, so it accepts connections from the first instant (no polling
@@ -50,13 +52,21 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+LOOP_THREAD_NAME = "qmp_sync loop"
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leak() -> Iterator[None]:
-    """Fail a test that leaves a thread running."""
+    """Fail a test that leaves a thread running (the one shared loop
+    thread excepted), or that made a second loop thread."""
     before = set(threading.enumerate())
     yield
+    loop_threads = [t for t in threading.enumerate()
+                    if t.name == LOOP_THREAD_NAME and t.is_alive()]
+    assert len(loop_threads) <= 1, loop_threads
     leaked = [t for t in threading.enumerate()
-              if t not in before and t.is_alive()]
+              if t not in before and t.is_alive()
+              and t.name != LOOP_THREAD_NAME]
     for thread in leaked:
         thread.join(timeout=2.0)
     leaked = [t for t in leaked if t.is_alive()]
@@ -94,22 +104,55 @@ def start_qemu(*extra: str, pass_fds: tuple[int, ...] = ()
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
+class MultiQEMU(QEMU):
+    """A guest-less QEMU with several QMP monitors (`paths`), each on a
+    unix socket of its own; events go to every monitor."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], paths: list[str]):
+        super().__init__(proc, paths[0])
+        self.paths = paths
+
+
+def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
+    """
+    Start a guest-less QEMU with `count` QMP monitors listening on unix
+    sockets in `directory`. The sockets are bound here and handed over
+    as fds, so they accept connections from the first instant.
+    """
+    listeners, args, paths = [], [], []
+    try:
+        for index in range(count):
+            path = str(directory / f"qmp{index}.sock")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(listener)
+            listener.bind(path)
+            listener.listen(4)
+            paths.append(path)
+            args += ["-chardev", f"socket,id=qmp{index},"
+                     f"fd={listener.fileno()},server=on,wait=off",
+                     "-mon", f"chardev=qmp{index},mode=control"]
+        proc = start_qemu(*args, pass_fds=tuple(
+            listener.fileno() for listener in listeners))
+    finally:
+        for listener in listeners:
+            listener.close()
+    return MultiQEMU(proc, paths)
+
+
 @pytest.fixture
 def qemu(tmp_path: Path) -> Iterator[QEMU]:
     """A guest-less QEMU whose QMP monitor listens on a unix socket."""
-    path = str(tmp_path / "qmp.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    instance = start_qemu_monitors(tmp_path, 1)
     try:
-        listener.bind(path)
-        listener.listen(4)
-        proc = start_qemu(
-            "-chardev", f"socket,id=qmp,fd={listener.fileno()},"
-            "server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            pass_fds=(listener.fileno(),))
+        yield instance
     finally:
-        listener.close()
-    instance = QEMU(proc, path)
+        instance.kill()
+
+
+@pytest.fixture
+def qemu2(tmp_path: Path) -> Iterator[MultiQEMU]:
+    """A guest-less QEMU with two QMP monitors (``paths``)."""
+    instance = start_qemu_monitors(tmp_path, 2)
     try:
         yield instance
     finally:

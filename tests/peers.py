@@ -196,3 +196,75 @@ class RunstateWatcher:
         await asyncio.gather(self._task, return_exceptions=True)
         assert self.woken >= 1, "runstate_changed() never woke"
         return self.seen
+
+
+class BlockingPeer:
+    """
+    A scripted QMP server for tests of the blocking client: the server
+    end of a socketpair, driven with plain blocking calls from the test
+    thread (every read bounded by `TIMEOUT`). Give ``client_sock`` to
+    the client.
+    """
+
+    #: Longest wait for the client to write something, in seconds.
+    TIMEOUT = 10.0
+
+    def __init__(self) -> None:
+        self._client_sock, self.sock = socket.socketpair()
+        self._handed_over = False
+        self.sock.settimeout(self.TIMEOUT)
+        self._stream = self.sock.makefile("rb")
+        #: Every message read from the client, in order.
+        self.received: list[dict[str, Any]] = []
+
+    @property
+    def client_sock(self) -> socket.socket:
+        """The client's end; whoever takes it owns (and closes) it."""
+        self._handed_over = True
+        return self._client_sock
+
+    def send(self, *items: Sendable) -> None:
+        """Write each item: raw bytes as they are, objects as a line."""
+        for item in items:
+            if isinstance(item, (bytes, bytearray)):
+                self.sock.sendall(item)
+            else:
+                self.sock.sendall(json.dumps(dict(item)).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        """Read one message from the client and record it."""
+        line = self._stream.readline()
+        if not line:
+            raise EOFError("the client closed the connection")
+        msg = json.loads(line)
+        self.received.append(msg)
+        return msg
+
+    def answer(self, result: Any = None) -> dict[str, Any]:
+        """Read one command and reply ``return: result`` with its id."""
+        cmd = self.recv()
+        reply = {"return": {} if result is None else result}
+        if "id" in cmd:
+            reply["id"] = cmd["id"]
+        self.send(reply)
+        return cmd
+
+    def greet(self) -> None:
+        """Send the greeting."""
+        self.send(GREETING)
+
+    def handshake(self) -> None:
+        """Greet, then answer qmp_capabilities."""
+        self.greet()
+        self.answer()
+
+    def at_eof(self) -> bool:
+        """Wait (bounded) until the client hangs up; True when it did."""
+        return self._stream.read() == b""
+
+    def close(self) -> None:
+        """Hang up (and close the client's end if nobody took it)."""
+        self._stream.close()
+        self.sock.close()
+        if not self._handed_over:
+            self._client_sock.close()

@@ -8,7 +8,12 @@ from pathlib import Path
 import qmp_sync
 
 # Bottom first, as API.md lists them.
-LAYERS = ["error", "util", "protocol", "message", "events", "qmp_client"]
+LAYERS = ["error", "util", "protocol", "message", "events", "qmp_client",
+          "_loop", "sync", "legacy"]
+# The calls that cross between threads: only the crossing module may
+# make them.
+CROSSING = ("call_soon_threadsafe", "run_coroutine_threadsafe",
+            "threading.Thread", "register_at_fork")
 
 
 def imported_siblings(module: str) -> set[str]:
@@ -54,3 +59,14 @@ def test_no_qemu_library_import() -> None:
                      else [])
             assert not any(n == "qemu" or n.startswith("qemu.")
                            for n in names), path
+
+
+def test_one_module_crosses_threads() -> None:
+    """Only qmp_sync/_loop.py starts threads or schedules work into the
+    loop from another thread."""
+    package = Path(qmp_sync.__file__).parent
+    for path in package.glob("*.py"):
+        if path.stem == "_loop":
+            continue
+        text = path.read_text()
+        assert not [name for name in CROSSING if name in text], path

@@ -106,7 +106,7 @@ async def test_oob_command(qemu: QEMU) -> None:
     """exec-oob runs commands that allow it; QEMU refuses the others."""
     client = await connected(qemu)
     instances = await client.execute("query-yank", oob=True)
-    assert {"type": "chardev", "id": "qmp"} in instances  # type: ignore[operator]
+    assert {"type": "chardev", "id": "qmp0"} in instances  # type: ignore[operator]
     with pytest.raises(ExecuteError, match="does not support OOB"):
         await client.execute("query-status", oob=True)
     await client.disconnect()

@@ -557,7 +557,8 @@ async def test_server_reset_is_a_hangup_not_a_failure() -> None:
                    .encode() + b"\n")
     await connecting
     # Written at once (nothing queued), so it sits unread in `theirs`.
-    _, _, future = client._submit({"execute": "query-status"})
+    future = loop.create_future()
+    client._submit({"execute": "query-status"}, future)
     theirs.close()
     with pytest.raises(ExecInterruptedError, match="reset") as info:
         await future
