@@ -525,6 +525,8 @@ class BlockingListener(EventSelector):
             collections.deque())
         self._count = 0
         self._waiting = 0
+        # Loop thread only: a wake-up of the waiters is scheduled.
+        self._wake_scheduled = False
 
     def __repr__(self) -> str:
         names = "all" if self.names is None else sorted(self.names)
@@ -536,12 +538,26 @@ class BlockingListener(EventSelector):
     # sections of the caller side.
 
     def put(self, event: Message) -> None:
-        """Runs in the loop thread: queue `event`, wake waiters."""
+        """
+        Runs in the loop thread: queue `event`; wake waiters once the
+        reader has handled everything it has read so far.
+
+        Waking them at each event would have them take events one by
+        one, fighting the reader for the GIL at every event of a burst;
+        waking them at the end of the batch costs one loop pass.
+        """
         with self._cond:
             self._queue.append((self._count, event))
             self._count += 1
-            if self._waiting:
-                self._cond.notify_all()
+            if self._waiting and not self._wake_scheduled:
+                self._wake_scheduled = True
+                asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        """Runs in the loop thread: wake the waiters."""
+        with self._cond:
+            self._wake_scheduled = False
+            self._cond.notify_all()
 
     def session_ended(self) -> None:
         """Runs in the loop thread: wake waiters, who then find that no

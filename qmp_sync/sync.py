@@ -435,7 +435,7 @@ class QMPSyncClient:
         :raise: As `pull_event`.
         """
         events = self._events.clear()
-        if events or not _wait_seconds(wait):
+        if events or _wait_seconds(wait) == 0.0:
             return events
         first = self.pull_event(wait)
         assert first is not None

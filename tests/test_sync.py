@@ -494,6 +494,19 @@ def test_pull_event_waits(peer: BlockingPeer, pool: Any) -> None:
     client.close()
 
 
+def test_get_events_wait_blocks_until_an_event(peer: BlockingPeer,
+                                              pool: Any) -> None:
+    """get_events(wait=True) with nothing queued waits for an event
+    (instead of returning an empty list), then returns all queued."""
+    client = peer_client(peer, pool)
+    waiting = pool.submit(client.get_events, True)
+    done, _ = concurrent.futures.wait([waiting], timeout=0.2)
+    assert not done
+    peer.send({"event": "A"})
+    assert [e["event"] for e in waiting.result(BOUND)] == ["A"]
+    client.close()
+
+
 def test_event_waiters_wake_when_session_ends(peer: BlockingPeer,
                                              pool: Any) -> None:
     """Threads waiting for events wake with StateError when the session
