@@ -125,8 +125,9 @@ class Reply(Generic[R]):
         try:
             self._lock.acquire()
         except BaseException:
-            bridge._schedule(bridge._abort, self)
-            self._lock.acquire(timeout=_ABORT_GRACE)
+            with contextlib.suppress(QMPError):  # the loop is gone
+                bridge._schedule(bridge._abort, self)
+                self._lock.acquire(timeout=_ABORT_GRACE)
             raise
         error = self._error
         if error is not None:
@@ -151,8 +152,10 @@ class LoopThread:
         self.loop = asyncio.new_event_loop()
         # Held while scheduling work and while setting `stopping`, so
         # that nothing is scheduled behind the shutdown (a stopped loop
-        # would accept the work and never run it).
-        self.lock = threading.Lock()
+        # would accept the work and never run it). Reentrant: a
+        # finaliser run by the garbage collector inside a scheduling
+        # call schedules work too.
+        self.lock = threading.RLock()
         #: Set once stopping has begun; new work is refused from then on.
         self.stopping = False
         # The sessions to end at shutdown.
@@ -453,7 +456,11 @@ class Bridge:
                     args: tuple[object, ...], timeout: float | None,
                     what: str) -> None:
         """Runs in the loop thread: see `run`."""
-        task = asyncio.ensure_future(func(*args), loop=self.loop)
+        try:
+            task = asyncio.ensure_future(func(*args), loop=self.loop)
+        except Exception as err:
+            reply.set_exception(err)
+            return
         timed_out: list[float] = []
 
         def expire() -> None:

@@ -132,8 +132,8 @@ def test_server_mode_like_qemumachine(tmp_path: Path) -> None:
         with qemu_connecting_to(path) as proc:
             greeting = client.accept(QEMU_TIMEOUT)
             assert_greeting(greeting)
-            assert client.cmd("query-status") == {
-                "status": "running", "singlestep": False, "running": True}
+            status = client.cmd("query-status")
+            assert status["status"] == "running"  # type: ignore[index]
             assert client.cmd("quit") == {}
             client.close()
             assert client.runstate is Runstate.IDLE
@@ -214,9 +214,10 @@ def test_cmd_raw_cmd_obj_and_cmd(legacy: QEMUMonitorProtocol) -> None:
     """cmd_raw/cmd_obj return the whole reply as a plain dict, without
     the private id but with the caller's own, and error replies too
     (not raised); cmd returns the return value or raises ExecuteError."""
-    status = {"status": "running", "singlestep": False, "running": True}
     reply = legacy.cmd_raw("query-status")
-    assert reply == {"return": status}
+    assert list(reply) == ["return"]
+    status = reply["return"]
+    assert status["status"] == "running"
     assert is_plain(reply)
     assert legacy.cmd_obj({"execute": "query-status"}) == {"return": status}
     assert legacy.cmd_raw("human-monitor-command",

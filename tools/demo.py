@@ -1,77 +1,59 @@
 #!/usr/bin/env python3
 """
-A short live session with a guest-less QEMU, through qmp_sync.
+A short live session with a guest-less QEMU, through QMPSyncClient.
 
 Starts ``qemu-system-x86_64 -machine none -nodefaults -display none -qmp
-unix:PATH,server=on,wait=off``, connects, prints the version and status,
-shows an error reply, stops and continues the VM to show the STOP and
-RESUME events, and quits QEMU.
+unix:PATH,server=on,wait=off``, connects while QEMU is still starting,
+prints the version and status, shows an error reply, runs commands from
+four threads at once on the one client, stops the VM and waits for the
+STOP event, continues it, and quits QEMU.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from qmp_sync import ConnectError, ExecuteError, QMPClient
+from qmp_sync import ExecuteError, QMPSyncClient
 
 STARTUP_TIMEOUT = 15.0
 EVENT_TIMEOUT = 10.0
 
 
-async def connect_when_ready(client: QMPClient, path: str,
-                             proc: subprocess.Popen[bytes]) -> None:
-    """Connect as soon as QEMU's socket accepts, for STARTUP_TIMEOUT."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
+def session(path: str, proc: subprocess.Popen[bytes]) -> None:
+    with QMPSyncClient(path, name="demo") as vm:
+        # QEMU creates its socket a moment after it starts.
+        vm.connect(retry_until=STARTUP_TIMEOUT)
+        version = vm.execute("query-version")
+        assert isinstance(version, dict)
+        qemu = version["qemu"]
+        print(f"Connected to QEMU {qemu['major']}.{qemu['minor']}."
+              f"{qemu['micro']} ({version['package']})")
+        print(f"query-status -> {vm.execute('query-status')}")
+
         try:
-            await client.connect(path)
-            return
-        except ConnectError as err:
-            starting = isinstance(err.exc, (FileNotFoundError,
-                                            ConnectionRefusedError))
-            if not starting or proc.poll() is not None:
-                raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"QEMU did not listen on {path} within "
-                    f"{STARTUP_TIMEOUT:.0f} s") from err
-        # QEMU is still starting; it will create the socket shortly.
-        await asyncio.sleep(0.02)
+            vm.execute("no-such-command")
+        except ExecuteError as err:
+            print(f"no-such-command -> {err.error_class}: {err}")
 
+        with ThreadPoolExecutor(4) as threads:
+            names = list(threads.map(
+                lambda _: vm.cmd("query-name"), range(100)))
+        print(f"100 query-name from 4 threads -> {len(names)} replies")
 
-async def session(path: str, proc: subprocess.Popen[bytes]) -> None:
-    client = QMPClient("demo")
-    await connect_when_ready(client, path, proc)
-    version = await client.execute("query-version")
-    assert isinstance(version, dict)
-    qemu = version["qemu"]
-    print(f"Connected to QEMU {qemu['major']}.{qemu['minor']}."
-          f"{qemu['micro']} ({version['package']}); out-of-band "
-          f"execution {'on' if client.oob_enabled else 'off'}")
-    print(f"query-status -> {await client.execute('query-status')}")
-
-    try:
-        await client.execute("no-such-command")
-    except ExecuteError as err:
-        print(f"no-such-command -> {err.error_class}: {err}")
-
-    with client.listener(("STOP", "RESUME")) as events:
-        await client.execute("stop")
-        stop = await asyncio.wait_for(events.get(), EVENT_TIMEOUT)
+        vm.execute("stop")
+        stop = vm.event_wait("STOP", timeout=EVENT_TIMEOUT)
         print(f"stop -> event {stop['event']} at {stop['timestamp']}")
-        await client.execute("cont")
-        resume = await asyncio.wait_for(events.get(), EVENT_TIMEOUT)
+        vm.execute("cont")
+        resume = vm.event_wait("RESUME", timeout=EVENT_TIMEOUT)
         print(f"cont -> event {resume['event']}")
 
-    await client.execute("quit")
-    await client.disconnect()
+        vm.execute("quit")
     print("quit -> QEMU exited with status", proc.wait(timeout=30))
 
 
@@ -93,7 +75,7 @@ def main() -> int:
              "-qmp", f"unix:{path},server=on,wait=off"],
             stdin=subprocess.DEVNULL)
         try:
-            asyncio.run(session(path, proc))
+            session(path, proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
