@@ -115,7 +115,9 @@ class QEMUMonitorProtocol:
         :raise ConnectError: When connecting fails.
         """
         self._qmp.connect(negotiate=negotiate)
-        return self._greeting()
+        # Without negotiation QEMU's greeting may or may not have come
+        # yet: None either way, as documented.
+        return self._greeting() if negotiate else None
 
     def accept(self, timeout: float | None = 15.0) -> QMPMessage:
         """

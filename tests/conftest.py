@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import FakeQMP
+from peers import BlockingPeer, FakeQMP
 
 ASYNC_TEST_TIMEOUT = 30.0
 QEMU_BINARY = "qemu-system-x86_64"
@@ -137,6 +137,17 @@ def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
         for listener in listeners:
             listener.close()
     return MultiQEMU(proc, paths)
+
+
+@pytest.fixture
+def peer() -> Iterator[BlockingPeer]:
+    """A scripted fake QMP server for the blocking clients; hung up
+    after the test."""
+    fake = BlockingPeer()
+    try:
+        yield fake
+    finally:
+        fake.close()
 
 
 @pytest.fixture

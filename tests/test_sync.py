@@ -37,16 +37,6 @@ BOUND = 10.0
 
 
 @pytest.fixture
-def peer() -> Iterator[BlockingPeer]:
-    """A scripted fake QMP server; closed after the test."""
-    fake = BlockingPeer()
-    try:
-        yield fake
-    finally:
-        fake.close()
-
-
-@pytest.fixture
 def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
     """Threads for blocking calls made while the test drives the peer."""
     with concurrent.futures.ThreadPoolExecutor(8) as executor:
