@@ -9,7 +9,8 @@ Ownership rules, checked by reading this file alone:
   client's ``runstate`` and ``greeting``.
 - Caller threads reach the loop in exactly one way: `Bridge._schedule`,
   a ``call_soon_threadsafe`` made under the loop thread's lock, which
-  refuses new work once the loop thread is stopping.
+  refuses new work once the loop thread is stopping (`LoopThread.stop`
+  schedules the shutdown itself under the same lock).
 - The loop thread hands results back through a `Reply` (one per call)
   and events through a `BlockingListener`; both only ever release a
   lock or notify a condition on that side, never wait.
