@@ -120,8 +120,10 @@ class QMPSyncClient:
     :param name: A nickname for logs and ``repr``.
     :param loop: An event loop that the caller runs with
         ``run_forever()`` in a thread of its own, to host the session;
-        the client never stops or closes it. By default the session
-        lives in the library's shared loop thread, started on first use.
+        the client never stops or closes it. Keep it running while calls
+        are in flight: a call whose loop stops under it never returns.
+        By default the session lives in the library's shared loop
+        thread, started on first use.
     :param readbuflen: The longest message accepted from the server, in
         bytes.
     """
