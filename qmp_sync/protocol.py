@@ -580,8 +580,19 @@ class AsyncProtocol(Generic[T]):
             self._reader, self._writer = await asyncio.open_connection(
                 address[0], address[1], ssl=ssl, limit=limit)
         else:
-            self._reader, self._writer = await asyncio.open_unix_connection(
-                os.fspath(address), ssl=ssl, limit=limit)
+            # Connected by hand: a unix socket whose listen backlog is
+            # full gives EAGAIN, which asyncio's own connect takes for
+            # "in progress" and reports as connected.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.connect(os.fspath(address))
+                self._reader, self._writer = (
+                    await asyncio.open_unix_connection(
+                        sock=sock, ssl=ssl, limit=limit))
+            except BaseException:
+                sock.close()
+                raise
         self.logger.debug("Connected.")
 
     async def _do_start_server(self, address: SocketAddr,

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 __all__ = ("BlockingListener", "QMPSyncClient", "event_match")
 
 #: Connection failures that `connect(retry_until=...)` retries: nobody
-#: listens yet, or the socket file does not exist yet.
-_RETRIED = (ConnectionRefusedError, FileNotFoundError)
+#: listens yet, the socket file does not exist yet, or its listen
+#: backlog is full.
+_RETRIED = (ConnectionRefusedError, FileNotFoundError, BlockingIOError)
 #: Longest pause between two connection attempts, in seconds.
 _RETRY_PAUSE = 0.1
 

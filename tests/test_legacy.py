@@ -219,10 +219,6 @@ def test_connect_without_negotiation_to_qemu_always_returns_none(
     assert returned == [None] * 30
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "asyncio takes EAGAIN from a non-blocking AF_UNIX connect() (backlog "
-    "full) for a connect in progress and reports success; the reader "
-    "then fails with OSError EINVAL and close() raises it"))
 def test_connect_to_a_full_backlog_is_not_a_dead_session(
         tmp_path: Path, pool: ThreadPoolExecutor) -> None:
     """connect() to a unix socket whose listen backlog is full (a server
