@@ -41,7 +41,6 @@ from .error import QMPError
 from .events import EventFilter, EventSelector
 from .message import Message
 from .protocol import AsyncProtocol, Runstate, raise_state_error
-from .util import exception_summary
 
 __all__ = ("BlockingListener", "Bridge", "LoopThread", "Reply")
 
@@ -239,19 +238,10 @@ class LoopThread:
             logger.debug("Ending %d open session(s) at exit.",
                          len(open_clients))
             await asyncio.wait(
-                [self.loop.create_task(_disconnect_quietly(client))
+                [self.loop.create_task(client._reset_quietly())
                  for client in open_clients],
                 timeout=_EXIT_GRACE)
         self.loop.stop()
-
-
-async def _disconnect_quietly(client: AsyncProtocol[Any]) -> None:
-    """Runs in the loop thread: `client.disconnect()`, errors logged."""
-    try:
-        await client.disconnect()
-    except Exception as err:
-        logger.debug("Ignoring error while disconnecting %r: %s", client,
-                     exception_summary(err))
 
 
 _exiting = False
@@ -507,7 +497,7 @@ class Bridge:
 
     def _start_release(self, client: AsyncProtocol[Any]) -> None:
         """Runs in the loop thread: see `release`."""
-        self.loop.create_task(_disconnect_quietly(client))
+        self.loop.create_task(client._reset_quietly())
 
 
 class BlockingListener(EventSelector):

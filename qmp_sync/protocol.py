@@ -558,8 +558,9 @@ class AsyncProtocol(Generic[T]):
             raise
 
     async def _reset_quietly(self) -> None:
-        """Runs in the loop thread: tear a half-built session down to
-        IDLE, ignoring errors from the teardown."""
+        """Runs in the loop thread: tear the session (or a half-built
+        one) down to IDLE, logging errors from the teardown instead of
+        raising them."""
         try:
             await self.disconnect()
         except Exception as err:

@@ -93,6 +93,13 @@ def _wait_seconds(wait: object) -> float | None:
     return seconds
 
 
+def _remaining(start: float, timeout: float | None) -> float | None:
+    """Seconds left of `timeout` counted from `start` (None: no limit)."""
+    if timeout is None:
+        return None
+    return max(0.0, start + timeout - time.monotonic())
+
+
 def _release(bridge: Bridge, core: AsyncProtocol[Any]) -> None:
     """Finaliser of a `QMPSyncClient` (any thread, never blocks): end a
     session the caller never closed, and warn about it."""
@@ -220,22 +227,21 @@ class QMPSyncClient:
         pause = 0.01
         with self._opening:
             while True:
-                remaining = None
-                if timeout is not None:
-                    remaining = max(0.0, start + timeout - time.monotonic())
                 try:
                     self._bridge.run(
                         "connect()", self._core._open_session, negotiate,
-                        self._core.connect, address, ssl, timeout=remaining)
+                        self._core.connect, address, ssl,
+                        timeout=_remaining(start, timeout))
                     return
                 except ConnectError as err:
                     if (retry is None or isinstance(address, socket.socket)
                             or not isinstance(err.exc, _RETRIED)):
                         raise
-                    now = time.monotonic()
-                    if now + pause > start + retry or (
-                            timeout is not None
-                            and now + pause > start + timeout):
+                    # Give up when the next attempt would come after
+                    # either deadline.
+                    left = _remaining(start, timeout)
+                    if (start + retry - time.monotonic() < pause
+                            or (left is not None and left < pause)):
                         raise
                 # A caller thread: sleeping here blocks nobody else.
                 time.sleep(pause)
@@ -298,12 +304,9 @@ class QMPSyncClient:
                     f"accept(): nobody connected within {timeout:g} s; "
                     "still listening (call accept() again, or "
                     "disconnect() to stop)") from None
-            remaining = None
-            if timeout is not None:
-                remaining = max(0.0, start + timeout - time.monotonic())
             self._bridge.run("accept()", self._core._open_session,
                              negotiate, self._core.accept,
-                             timeout=remaining)
+                             timeout=_remaining(start, timeout))
 
     def disconnect(self) -> None:
         """
