@@ -9,28 +9,49 @@ import qmp_sync
 
 # Bottom first, as API.md lists them.
 LAYERS = ["error", "util", "protocol", "message", "events", "qmp_client",
-          "_loop", "sync", "legacy"]
-# The calls that cross between threads: only the crossing module may
-# make them.
+          "_loop", "sync", "legacy", "shell"]
+# The shell package's own modules, bottom first.
+SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
+# The calls that cross into the loop from another thread: only the
+# crossing module may make them.
 CROSSING = ("call_soon_threadsafe", "run_coroutine_threadsafe",
-            "threading.Thread", "register_at_fork")
+            "register_at_fork")
+# Starting a thread: the loop thread, and the shell's event pump (a
+# caller of the blocking client like any other).
+STARTS_THREADS = {"_loop.py", "console.py"}
+
+PACKAGE = Path(qmp_sync.__file__).parent
+
+
+def imports_of(path: Path, in_shell: bool) -> tuple[set[str], set[str]]:
+    """The qmp_sync modules, and the qmp_sync.shell modules, that the
+    file at `path` imports."""
+    library, shell = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [(node.level, node.module)]
+        elif isinstance(node, ast.Import):
+            names = [(0, alias.name) for alias in node.names]
+        for level, name in names:
+            parts = name.split(".")
+            if (level == 1 and in_shell) or parts[:2] == ["qmp_sync",
+                                                          "shell"]:
+                shell.add(parts[-1] if level == 0 else parts[0])
+            elif level == 1 or (level == 2 and in_shell):
+                library.add(parts[0])
+            elif parts[0] == "qmp_sync" and len(parts) > 1:
+                library.add(parts[1])
+    return library, shell
 
 
 def imported_siblings(module: str) -> set[str]:
-    """The qmp_sync modules that `module` imports."""
-    path = Path(qmp_sync.__file__).parent / f"{module}.py"
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.module and node.module.startswith("qmp_sync."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("qmp_sync."):
-                    found.add(alias.name.split(".")[1])
-    return found
+    """The qmp_sync modules that `module` imports (for the shell
+    package: that any of its modules imports)."""
+    if module == "shell":
+        return set().union(*(imports_of(path, True)[0]
+                             for path in (PACKAGE / "shell").glob("*.py")))
+    return imports_of(PACKAGE / f"{module}.py", False)[0]
 
 
 def test_imports_point_down() -> None:
@@ -40,17 +61,26 @@ def test_imports_point_down() -> None:
         assert imported_siblings(module) <= below, module
 
 
+def test_shell_imports_point_down() -> None:
+    """Inside qmp_sync.shell too, each module imports only the ones
+    below it (and any library layer)."""
+    for index, module in enumerate(SHELL_LAYERS):
+        path = PACKAGE / "shell" / f"{module}.py"
+        shell = imports_of(path, True)[1]
+        assert shell <= set(SHELL_LAYERS[:index]), module
+
+
 def test_every_module_is_a_known_layer() -> None:
     """A new module must take its place in LAYERS (and in API.md)."""
-    package = Path(qmp_sync.__file__).parent
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
-    assert modules == set(LAYERS)
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules | {"shell"} == set(LAYERS)
+    shell = {p.stem for p in (PACKAGE / "shell").glob("*.py")}
+    assert shell - {"__init__", "__main__"} == set(SHELL_LAYERS)
 
 
 def test_no_qemu_library_import() -> None:
     """qmp_sync stands alone: it never imports QEMU's qemu.qmp."""
-    package = Path(qmp_sync.__file__).parent
-    for path in package.glob("*.py"):
+    for path in PACKAGE.glob("**/*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = ([a.name for a in node.names]
@@ -62,11 +92,12 @@ def test_no_qemu_library_import() -> None:
 
 
 def test_one_module_crosses_threads() -> None:
-    """Only qmp_sync/_loop.py starts threads or schedules work into the
-    loop from another thread."""
-    package = Path(qmp_sync.__file__).parent
-    for path in package.glob("*.py"):
-        if path.stem == "_loop":
-            continue
+    """Only qmp_sync/_loop.py schedules work into the loop from another
+    thread; threads are started only there and by the shell's event
+    pump."""
+    for path in PACKAGE.glob("**/*.py"):
         text = path.read_text()
-        assert not [name for name in CROSSING if name in text], path
+        if path.name != "_loop.py":
+            assert not [name for name in CROSSING if name in text], path
+        if path.name not in STARTS_THREADS:
+            assert "threading.Thread" not in text, path
