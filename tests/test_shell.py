@@ -109,7 +109,7 @@ def test_unknown_names_get_suggestions_and_nothing_is_sent(
     assert run.status == cli.EXIT_FAILED
     assert run.err.splitlines() == [
         "Error: unknown command 'qeury-status' (did you mean "
-        "'query-status' or 'query-stats' or 'query-colo-status'?)",
+        "'query-status' or 'query-stats'?)",
         "Error: human-monitor-command has no argument 'comand-line' "
         "(did you mean 'command-line'?)",
         "Error: query-status takes no arguments, not 'foo'",

@@ -24,7 +24,7 @@ _ENUM_PREVIEW = 6
 def suggest(word: str, choices: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the choices closest to `word`, or ""
     when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.8)
     if not close:
         return ""
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)"

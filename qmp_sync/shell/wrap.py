@@ -32,6 +32,8 @@ __all__ = ("stop_qemu", "wrap_main")
 CHARDEV_ID = "qmp-shell-wrap"
 #: Seconds QEMU may take to start and greet.
 STARTUP_TIMEOUT = 30.0
+#: Seconds to wait for the exit status of a QEMU that hung up.
+EXIT_WAIT = 2.0
 #: Seconds QEMU gets to exit after ``quit``, and again after SIGTERM,
 #: before the next step.
 EXIT_GRACE = 5.0
@@ -93,7 +95,12 @@ def _run_shell(process: subprocess.Popen[bytes], sock: socket.socket,
         client.open_with_socket(sock, timeout=STARTUP_TIMEOUT)
     except (ConnectError, TimeoutError) as err:
         client.close()
-        status = process.poll()
+        try:
+            # A monitor that hangs up first is mostly a QEMU on its way
+            # out (bad arguments): say how it ended.
+            status: int | None = process.wait(EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            status = None
         if status is not None:
             print(f"Error: QEMU exited (status {status}) before its monitor "
                   "answered", file=sys.stderr)
