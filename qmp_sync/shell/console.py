@@ -82,7 +82,10 @@ class Terminal:
         # Events taken by the pump; None once the session has ended.
         self._events: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._ended = False
+        # Set by the main thread each time it has looked at the queue.
         self._drained = threading.Event()
+        # The main thread is in _show_events (a poke may interrupt it).
+        self._showing = False
         self._closing = False
         self._pump: threading.Thread | None = None
         self._old_handler: object = None
@@ -191,6 +194,18 @@ class Terminal:
     def _show_events(self, redraw: bool, raise_end: bool = True) -> None:
         """Main thread: print every queued event; with `redraw`, above
         the line being edited, then draw that line again."""
+        if self._showing:
+            # A poke's handler that interrupted this very method: the
+            # pump pokes again until the queue is empty.
+            return
+        self._showing = True
+        try:
+            self._print_queued(redraw, raise_end)
+        finally:
+            self._showing = False
+            self._drained.set()
+
+    def _print_queued(self, redraw: bool, raise_end: bool) -> None:
         lines = []
         while True:
             try:
@@ -201,17 +216,17 @@ class Terminal:
                 self._ended = True
             else:
                 lines.append(self._show_event(event))
-        self._drained.set()
         ending = self._ended and raise_end
+        # Erase the prompt line: readline draws it again below, unless
+        # the session has ended.
+        erase = "\r\x1b[K" if redraw and self._out.isatty() else ""
         if lines:
-            # Erase the prompt line; readline draws it again below.
-            erase = "\r\x1b[K" if redraw and self._out.isatty() else ""
             self._out.write(erase + "".join(f"{x}\n" for x in lines))
-            self._out.flush()
             if redraw and not ending:
                 self._redraw()
-        elif redraw and ending:
-            self._out.write("\n")
+        elif ending:
+            self._out.write(erase)
+        self._out.flush()
         if ending:
             raise SessionEnded("the session has ended")
 
@@ -258,11 +273,10 @@ class Terminal:
             except QMPError:
                 event = None
             self._events.put(event)
-            self._drained.clear()
-            while not self._closing:
+            while not self._closing and not self._events.empty():
+                self._drained.clear()
                 signal.pthread_kill(main, POKE_SIGNAL)
-                if self._drained.wait(POKE_INTERVAL):
-                    break
+                self._drained.wait(POKE_INTERVAL)
             if event is None:
                 return
 
