@@ -518,12 +518,19 @@ class QMPClient(AsyncProtocol[Message], Events):
         await super()._establish_session()
 
     async def _get_greeting(self) -> Message:
-        """Runs in the loop thread: read and check the greeting."""
-        try:
-            msg = await self._recv()
-        except EOFError as err:
-            raise GreetingError("the server closed the connection instead "
-                                "of greeting") from err
+        """Runs in the loop thread: read and check the greeting. Events
+        that come before it go to the listeners: QEMU can broadcast one
+        (RESUME, as it starts) to a connection it has accepted but not
+        yet greeted."""
+        while True:
+            try:
+                msg = await self._recv()
+            except EOFError as err:
+                raise GreetingError("the server closed the connection "
+                                    "instead of greeting") from err
+            if "event" not in msg or "QMP" in msg:
+                break
+            self._dispatch_event(msg)
         qmp = msg.get("QMP")
         if not isinstance(qmp, dict):
             raise GreetingError(f"expected a greeting, got {_preview(msg)}",

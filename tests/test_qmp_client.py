@@ -88,6 +88,21 @@ async def test_bad_greeting(first: object, error: str) -> None:
     assert await fake.at_eof()
 
 
+async def test_event_before_the_greeting() -> None:
+    """An event sent before the greeting (QEMU does, as it starts) is no
+    protocol error: it is delivered, and the session opens."""
+    client = QMPClient()
+    fake = await FakeQMP.create()
+    event = {"event": "RESUME", "timestamp": {"seconds": 1,
+                                              "microseconds": 2}}
+    await fake.send(event)
+    await asyncio.gather(client.open_with_socket(fake.client_sock),
+                         fake.handshake())
+    assert client.greeting == GREETING
+    assert await asyncio.wait_for(client.events.get(), 5) == event
+    await client.disconnect()
+
+
 async def test_server_hangs_up_before_greeting() -> None:
     """EOF instead of a greeting is a GreetingError that says so."""
     client = QMPClient()
