@@ -100,6 +100,13 @@ def at_prompt(child: pexpect.spawn) -> None:
     child.expect_exact(PROMPT)
 
 
+def leave(child: pexpect.spawn) -> int:
+    """At the next prompt, Ctrl-D; the exit status."""
+    at_prompt(child)
+    child.sendeof()
+    return exit_status(child)
+
+
 def pid_exists(pid: int) -> bool:
     """Whether a process (a zombie included) has this pid."""
     try:
@@ -120,9 +127,7 @@ def test_command_and_reply(qemu: QEMU, tmp_path: Path) -> None:
         at_prompt(child)
         child.send("query-status" + ENTER)
         child.expect(r'\{"return": \{[^\r\n]*"status": "running"')
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
         assert "Traceback" not in output(child)
 
 
@@ -136,9 +141,7 @@ def test_error_reply_is_one_line(qemu: QEMU, tmp_path: Path) -> None:
         at_prompt(child)
         child.send("query-status" + ENTER)
         child.expect_exact(STATUS_REPLY)
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 1, output(child)
+        assert leave(child) == 1, output(child)
         assert "Traceback" not in output(child)
 
 
@@ -150,9 +153,7 @@ def test_tab_completes_a_command_name(qemu: QEMU, tmp_path: Path) -> None:
         child.expect_exact("status ")
         child.send(ENTER)
         child.expect_exact(STATUS_REPLY)
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
 
 
 def test_tab_completes_an_argument_name(qemu: QEMU, tmp_path: Path) -> None:
@@ -163,9 +164,7 @@ def test_tab_completes_an_argument_name(qemu: QEMU, tmp_path: Path) -> None:
         child.expect_exact("command-line=")
         child.send('"info status"' + ENTER)
         child.expect_exact("VM status: running")
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
 
 
 def test_event_at_idle_prompt_keeps_the_line(qemu2: MultiQEMU,
@@ -182,9 +181,7 @@ def test_event_at_idle_prompt_keeps_the_line(qemu2: MultiQEMU,
             child.expect_exact(PROMPT + "query-")
             child.send("status" + ENTER)
             child.expect_exact('"status": "paused"')
-            at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+            assert leave(child) == 0, output(child)
 
 
 def test_transactions(qemu: QEMU, tmp_path: Path) -> None:
@@ -208,9 +205,7 @@ def test_transactions(qemu: QEMU, tmp_path: Path) -> None:
         child.send("query-named-block-nodes" + ENTER)
         child.expect(r'\{"return": \[[^\r\n]*\]\}\r\n')
         reply = json.loads(child.after)
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
     (node,) = [n for n in reply["return"] if n["node-name"] == "n0"]
     assert [b["name"] for b in node["dirty-bitmaps"]] == ["b2"]
 
@@ -222,9 +217,7 @@ def test_human_monitor_mode(qemu: QEMU, tmp_path: Path) -> None:
         at_prompt(child)
         child.send("info status" + ENTER)
         child.expect_exact("VM status: running\r\n")
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
 
 
 def test_history_across_sessions(qemu: QEMU, tmp_path: Path) -> None:
@@ -234,9 +227,7 @@ def test_history_across_sessions(qemu: QEMU, tmp_path: Path) -> None:
         at_prompt(child)
         child.send("query-status" + ENTER)
         child.expect_exact(STATUS_REPLY)
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
     assert "query-status" in history.read_text()
     with shell(tmp_path, "--history", str(history), qemu.path) as child:
         at_prompt(child)
@@ -244,9 +235,7 @@ def test_history_across_sessions(qemu: QEMU, tmp_path: Path) -> None:
         child.expect_exact("query-status")
         child.send(ENTER)
         child.expect_exact(STATUS_REPLY)
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
 
 
 def test_ctrl_c_drops_the_line(qemu: QEMU, tmp_path: Path) -> None:
@@ -259,9 +248,7 @@ def test_ctrl_c_drops_the_line(qemu: QEMU, tmp_path: Path) -> None:
         at_prompt(child)
         child.send("query-status" + ENTER)
         child.expect(r'\{"return": \{[^\r\n]*"status": "running"')
-        at_prompt(child)
-        child.sendeof()
-        assert exit_status(child) == 0, output(child)
+        assert leave(child) == 0, output(child)
     text = output(child)
     assert "Error" not in text and "Traceback" not in text, text
 

@@ -160,7 +160,9 @@ class Schema:
                given: Mapping[str, object] | None = None) -> list[str]:
         """The words an argument can take (enum values, true/false), for
         completion; [] when it is free text."""
-        for arg in self._raw_members(name, given or {}):
+        type_name = (self._command_arg_type(name)
+                     or self._action_data_type(name))
+        for arg in self._raw_members(type_name or "", given or {}):
             if arg.get("name") == argument:
                 return self._words(str(arg.get("type")))
         return []
@@ -221,7 +223,7 @@ class Schema:
         return None
 
     def _member_type(self, type_name: str, member: str) -> str | None:
-        for arg in self._raw_members(type_name, None, by_type=True):
+        for arg in self._raw_members(type_name, None):
             if arg.get("name") == member:
                 return str(arg.get("type"))
         return None
@@ -230,7 +232,7 @@ class Schema:
                        given: Mapping[str, object]) -> str | None:
         """The object type of `member` of `type_name` (the object branch
         of an alternate), or None."""
-        for arg in self._raw_members(type_name, given, by_type=True):
+        for arg in self._raw_members(type_name, given):
             if arg.get("name") == member:
                 return self._object_branch(str(arg.get("type")))
         return None
@@ -251,30 +253,27 @@ class Schema:
         return [(str(v.get("case")), str(v.get("type")))
                 for v in _dicts(entity.get("variants"))]
 
-    def _raw_members(self, name: str, given: Mapping[str, object] | None,
-                     by_type: bool = False) -> list[Mapping[str, object]]:
+    def _raw_members(self, type_name: str,
+                     given: Mapping[str, object] | None
+                     ) -> list[Mapping[str, object]]:
         """
-        The member entries of object type `name` (of command `name`'s
-        arguments unless `by_type`), union variants included: every
-        variant when `given` is None, else the one its tag selects.
+        The member entries of object type `type_name`, union variants
+        included: every variant when `given` is None, else the one its
+        tag selects.
         """
-        type_name: str | None = name
-        if not by_type:
-            type_name = (self._command_arg_type(name)
-                         or self._action_data_type(name))
-        entity = self._entities.get(type_name or "", {})
+        entity = self._entities.get(type_name, {})
         members = list(_dicts(entity.get("members")))
         tag = entity.get("tag")
         for case, variant in self._variants(entity):
             if given is None or (isinstance(tag, str)
                                  and given.get(tag) == case):
-                members += self._raw_members(variant, given, by_type=True)
+                members += self._raw_members(variant, given)
         return members
 
     def _members(self, type_name: str,
                  given: Mapping[str, object] | None) -> list[Argument]:
         found: dict[str, Argument] = {}
-        for arg in self._raw_members(type_name, given, by_type=True):
+        for arg in self._raw_members(type_name, given):
             name = str(arg.get("name"))
             features = arg.get("features")
             notes = tuple(f for f in features if f in (
