@@ -122,6 +122,8 @@ def test_keyboard_interrupt_in_execute_leaves_client_usable() -> None:
 
         from qmp_sync import QMPSyncClient
 
+        # Started from a background job, SIGINT comes ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         peer = Peer()
         main = threading.get_ident()
         interrupted = threading.Event()

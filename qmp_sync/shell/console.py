@@ -89,6 +89,7 @@ class Terminal:
         self._closing = False
         self._pump: threading.Thread | None = None
         self._old_handler: object = None
+        self._old_interrupt: object = None
         self._readline: ModuleType | None = None
         self._prompt = ""
         self._force_redisplay: Callable[[], object] | None = None
@@ -113,6 +114,10 @@ class Terminal:
                 with contextlib.suppress(FileNotFoundError):
                     self._guard(readline.read_history_file, "read")
         if threading.current_thread() is threading.main_thread():
+            # Ctrl-C is the shell's, even when started with SIGINT
+            # ignored (as a background job's children are).
+            self._old_interrupt = signal.signal(
+                signal.SIGINT, signal.default_int_handler)
             self._old_handler = signal.signal(POKE_SIGNAL, self._on_poke)
             self._pump = threading.Thread(
                 target=self._run_pump, name="qmp-shell events",
@@ -130,6 +135,7 @@ class Terminal:
             # The caller has ended the session, which ends the pump.
             self._pump.join(5.0)
             signal.signal(POKE_SIGNAL, self._old_handler)  # type: ignore
+            signal.signal(signal.SIGINT, self._old_interrupt)  # type: ignore
         readline = self._readline
         if readline is not None and self._history is not None:
             self._guard(self._write_history, "write")
