@@ -30,7 +30,7 @@ from ..qmp_client import ExecInterruptedError, ExecuteError
 from ..sync import QMPSyncClient
 from .completion import complete_hmp, complete_qmp
 from .console import SessionEnded, Terminal
-from .schema import HumanCommands, Schema
+from .schema import HumanCommands, Schema, mappings
 from .syntax import (
     Command,
     CommandLineError,
@@ -327,19 +327,19 @@ class Shell:
         client = self.client
         try:
             found = client.execute("query-commands", timeout=QUERY_TIMEOUT)
-            names = [c.get("name") for c in _mappings(found)]
+            names = [c.get("name") for c in mappings(found)]
         except ExecuteError:
             try:
                 # qemu-ga lists its commands here instead.
                 info = client.execute("guest-info", timeout=QUERY_TIMEOUT)
                 listed = info.get("supported_commands") if isinstance(
                     info, Mapping) else None
-                names = [c.get("name") for c in _mappings(listed)
+                names = [c.get("name") for c in mappings(listed)
                          if c.get("enabled", True)]
             except ExecuteError:
                 return Schema.unknown()
         try:
-            entities = list(_mappings(client.execute(
+            entities = list(mappings(client.execute(
                 "query-qmp-schema", timeout=QUERY_TIMEOUT)))
         except ExecuteError:
             entities = None
@@ -413,12 +413,6 @@ def _error_line(error: object) -> str:
     if isinstance(error, Mapping):
         return f"{error.get('class')}: {error.get('desc')}"
     return str(error)
-
-
-def _mappings(value: object) -> Iterator[Mapping[str, object]]:
-    """The mappings in a list from the server (trust nothing)."""
-    if isinstance(value, list):
-        yield from (item for item in value if isinstance(item, Mapping))
 
 
 def _columns(names: Sequence[str], width: int = 79) -> list[str]:

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ("Argument", "HumanCommands", "Schema", "suggest")
+__all__ = ("Argument", "HumanCommands", "Schema", "mappings", "suggest")
 
 # QAPI's ``'gen': false`` commands take arguments the schema does not
 # list (device properties), so their argument names are not checked.
@@ -242,7 +242,7 @@ class Schema:
         if entity.get("meta-type") == "object":
             return type_name
         if entity.get("meta-type") == "alternate":
-            for branch in _dicts(entity.get("members")):
+            for branch in mappings(entity.get("members")):
                 found = self._object_branch(str(branch.get("type")))
                 if found:
                     return found
@@ -251,7 +251,7 @@ class Schema:
     @staticmethod
     def _variants(entity: Mapping[str, object]) -> list[tuple[str, str]]:
         return [(str(v.get("case")), str(v.get("type")))
-                for v in _dicts(entity.get("variants"))]
+                for v in mappings(entity.get("variants"))]
 
     def _raw_members(self, type_name: str,
                      given: Mapping[str, object] | None
@@ -262,7 +262,7 @@ class Schema:
         tag selects.
         """
         entity = self._entities.get(type_name, {})
-        members = list(_dicts(entity.get("members")))
+        members = list(mappings(entity.get("members")))
         tag = entity.get("tag")
         for case, variant in self._variants(entity):
             if given is None or (isinstance(tag, str)
@@ -301,7 +301,7 @@ class Schema:
         if meta == "alternate":
             return " or ".join(
                 self._type_words(str(b.get("type")), depth + 1)
-                for b in _dicts(entity.get("members")))
+                for b in mappings(entity.get("members")))
         if meta == "builtin":
             return type_name
         return "object"
@@ -313,7 +313,7 @@ class Schema:
             return ["true", "false"]
         if meta != "enum":
             return []
-        members = list(_dicts(entity.get("members")))
+        members = list(mappings(entity.get("members")))
         if members:
             return [str(m.get("name")) for m in members]
         # QEMU before 6.2 lists enum values only under "values".
@@ -321,9 +321,9 @@ class Schema:
         return [str(v) for v in values] if isinstance(values, list) else []
 
 
-def _dicts(value: object) -> Iterable[Mapping[str, object]]:
-    """The mappings in `value` when it is a list (introspection data is
-    the server's: trust nothing about its shape)."""
+def mappings(value: object) -> Iterable[Mapping[str, object]]:
+    """The mappings in `value` when it is a list (the server's answers:
+    trust nothing about their shape)."""
     if isinstance(value, list):
         yield from (item for item in value if isinstance(item, Mapping))
 
