@@ -8,14 +8,18 @@ Test rig: async tests, a thread-leak check, and real QEMU.
   (and there is only ever one).
 - The ``qemu`` fixture starts a guest-less ``qemu-system-x86_64`` whose
   QMP monitor listens on a unix socket the fixture created and bound
-  itself, so it accepts connections from the first instant (no polling
-  for QEMU to come up), and kills it by pid at teardown.
+  itself, so it accepts connections from the first instant, and kills
+  it by pid at teardown. Before the test gets it, the fixture waits on
+  that socket until QEMU reports "running": QEMU announces its own start
+  with a RESUME event, and a test connecting earlier would receive it
+  (sometimes before the greeting) and count an event it did not cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -24,11 +28,13 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peers import BlockingPeer, FakeQMP
 
 ASYNC_TEST_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 30.0
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_ARGS = ("-machine", "none", "-nodefaults", "-display", "none")
 
@@ -136,7 +142,45 @@ def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
     finally:
         for listener in listeners:
             listener.close()
-    return MultiQEMU(proc, paths)
+    instance = MultiQEMU(proc, paths)
+    try:
+        wait_until_running(paths[0])
+    except BaseException:
+        instance.kill()
+        raise
+    return instance
+
+
+def wait_until_running(path: str) -> None:
+    """
+    Connect to the QMP monitor at `path` with a plain socket, wait until
+    query-status says "running", and hang up (the monitor then takes
+    the next client). QEMU sends its start-up RESUME before it sets that
+    status, so a client connecting afterwards never sees that event.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, \
+            sock.makefile("rb") as lines:
+        sock.settimeout(STARTUP_TIMEOUT)
+        sock.connect(path)
+
+        def answer(key: str) -> Any:
+            while True:  # events (that start-up RESUME) are skipped
+                line = lines.readline()
+                if not line:
+                    pytest.fail(f"QEMU hung up while starting: {path}")
+                message = json.loads(line)
+                if key in message:
+                    return message[key]
+
+        answer("QMP")
+        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+        answer("return")
+        for _ in range(100):  # a few at most: QEMU answers once started
+            sock.sendall(b'{"execute": "query-status"}\n')
+            status = answer("return")["status"]
+            if status == "running":
+                return
+    pytest.fail(f"QEMU stayed {status!r} instead of 'running'")
 
 
 @pytest.fixture
