@@ -13,6 +13,8 @@ Test rig: async tests, a thread-leak check, and real QEMU.
   that socket until QEMU reports "running": QEMU announces its own start
   with a RESUME event, and a test connecting earlier would receive it
   (sometimes before the greeting) and count an event it did not cause.
+  A QEMU that never answers that first connection is restarted
+  (see ``start_qemu_monitors``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import pytest
 from peers import BlockingPeer, FakeQMP
 
 ASYNC_TEST_TIMEOUT = 30.0
-STARTUP_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 10.0  # QEMU answers in well under a second
+STARTUP_ATTEMPTS = 3
+STARTUP_STALLS: list[str] = []  # QEMU restarts, reported at the end
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_ARGS = ("-machine", "none", "-nodefaults", "-display", "none")
 
@@ -59,6 +63,14 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 
 LOOP_THREAD_NAME = "qmp_sync loop"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """List the QEMU starts that stalled and were retried."""
+    if STARTUP_STALLS:
+        terminalreporter.section("QEMU start-up stalls (retried)")
+        for stall in STARTUP_STALLS:
+            terminalreporter.write_line(stall)
 
 
 @pytest.fixture(autouse=True)
@@ -122,18 +134,46 @@ class MultiQEMU(QEMU):
 def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
     """
     Start a guest-less QEMU with `count` QMP monitors listening on unix
-    sockets in `directory`. The sockets are bound here and handed over
-    as fds, so they accept connections from the first instant.
+    sockets in `directory`, and return it once it reports "running".
+
+    The sockets are bound here and handed over as fds. A QEMU whose
+    monitor greets the probe but never answers it (seen once in 45
+    runs of this suite on a loaded machine, never in 2,000 starts
+    outside it; the cause is not known) is killed and started afresh,
+    at most STARTUP_ATTEMPTS times; each such restart is listed at the
+    end of the test run.
     """
+    failures = []
+    for _ in range(STARTUP_ATTEMPTS):
+        instance = launch_qemu_monitors(directory, count)
+        try:
+            wait_until_running(instance.paths[0])
+            return instance
+        except QEMUStalled as stall:
+            failures.append(f"pid {instance.proc.pid}: {stall}; its "
+                            f"threads: {thread_states(instance.proc.pid)}")
+            STARTUP_STALLS.append(failures[-1])
+            instance.kill()
+        except BaseException:
+            instance.kill()
+            raise
+    pytest.fail("QEMU never answered its monitor: " + "; ".join(failures))
+
+
+def launch_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
+    """Start (without waiting) a guest-less QEMU with `count` QMP
+    monitors on unix sockets in `directory`, bound here so that they
+    accept connections from the first instant."""
     listeners, args, paths = [], [], []
     try:
         for index in range(count):
-            path = str(directory / f"qmp{index}.sock")
+            path = directory / f"qmp{index}.sock"
+            path.unlink(missing_ok=True)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listeners.append(listener)
-            listener.bind(path)
+            listener.bind(str(path))
             listener.listen(4)
-            paths.append(path)
+            paths.append(str(path))
             args += ["-chardev", f"socket,id=qmp{index},"
                      f"fd={listener.fileno()},server=on,wait=off",
                      "-mon", f"chardev=qmp{index},mode=control"]
@@ -142,13 +182,11 @@ def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
     finally:
         for listener in listeners:
             listener.close()
-    instance = MultiQEMU(proc, paths)
-    try:
-        wait_until_running(paths[0])
-    except BaseException:
-        instance.kill()
-        raise
-    return instance
+    return MultiQEMU(proc, paths)
+
+
+class QEMUStalled(Exception):
+    """QEMU's monitor did not answer within STARTUP_TIMEOUT."""
 
 
 def wait_until_running(path: str) -> None:
@@ -157,21 +195,31 @@ def wait_until_running(path: str) -> None:
     query-status says "running", and hang up (the monitor then takes
     the next client). QEMU sends its start-up RESUME before it sets that
     status, so a client connecting afterwards never sees that event.
+
+    Raises QEMUStalled if QEMU does not answer within STARTUP_TIMEOUT.
     """
+    received: list[object] = []
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, \
             sock.makefile("rb") as lines:
         sock.settimeout(STARTUP_TIMEOUT)
-        sock.connect(path)
 
         def answer(key: str) -> Any:
             while True:  # events (that start-up RESUME) are skipped
-                line = lines.readline()
+                try:
+                    line = lines.readline()
+                except TimeoutError:
+                    raise QEMUStalled(f"it sent only {received}") from None
                 if not line:
                     pytest.fail(f"QEMU hung up while starting: {path}")
                 message = json.loads(line)
+                received.append(message)
                 if key in message:
                     return message[key]
+                if "event" not in message:
+                    pytest.fail(f"QEMU answered {message} while starting")
 
+        sock.connect(path)
         answer("QMP")
         sock.sendall(b'{"execute": "qmp_capabilities"}\n')
         answer("return")
@@ -181,6 +229,18 @@ def wait_until_running(path: str) -> None:
             if status == "running":
                 return
     pytest.fail(f"QEMU stayed {status!r} instead of 'running'")
+
+
+def thread_states(pid: int) -> list[str]:
+    """Name, state and wait channel of each thread of process `pid`."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = dict(line.split(":\t", 1) for line in
+                      (task / "status").read_text().splitlines()
+                      if ":\t" in line)
+        states.append(f"{status['Name']} {status['State']} "
+                      f"{(task / 'wchan').read_text()}")
+    return states
 
 
 @pytest.fixture

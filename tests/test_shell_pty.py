@@ -84,13 +84,17 @@ def exit_status(child: pexpect.spawn) -> int:
     child.expect(pexpect.EOF)
     # pexpect's own wait() has no timeout: wait for the exit on a pidfd
     # (readable once the process has exited), then reap it.
-    pidfd = os.pidfd_open(child.pid)
     try:
-        exited, _, _ = select.select([pidfd], [], [], BOUND)
-    finally:
-        os.close(pidfd)
-    if not exited:
-        pytest.fail("the program closed its terminal but did not exit")
+        pidfd = os.pidfd_open(child.pid)
+    except ProcessLookupError:
+        pass  # at EOF pexpect asks isalive(), which may have reaped it
+    else:
+        try:
+            exited, _, _ = select.select([pidfd], [], [], BOUND)
+        finally:
+            os.close(pidfd)
+        if not exited:
+            pytest.fail("the program closed its terminal but did not exit")
     child.wait()
     assert child.signalstatus is None, output(child)
     return child.exitstatus  # type: ignore[no-any-return]
