@@ -48,18 +48,18 @@ def program(name: str) -> str:
 
 
 @contextlib.contextmanager
-def spawned(tmp_path: Path, name: str,
-            args: list[str]) -> Iterator[pexpect.spawn]:
-    """Run console script `name` on a pty; everything it prints is
-    kept in ``child.logfile_read`` (a StringIO). It is ended, forcibly
-    if need be, when the block is left."""
+def spawned(tmp_path: Path, name: str, args: list[str],
+            columns: int = 200) -> Iterator[pexpect.spawn]:
+    """Run console script `name` on a pty `columns` wide; everything it
+    prints is kept in ``child.logfile_read`` (a StringIO). It is ended,
+    forcibly if need be, when the block is left."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items()
            if key not in ("QMP_SHELL_HISTORY", "QMP_SOCKET", "INPUTRC")}
     env.update(TERM="xterm", HOME=str(home))
     child = pexpect.spawn(program(name), args, env=env, encoding="utf-8",
-                          dimensions=(24, 200), timeout=BOUND)
+                          dimensions=(24, columns), timeout=BOUND)
     child.logfile_read = io.StringIO()
     try:
         yield child
@@ -67,10 +67,10 @@ def spawned(tmp_path: Path, name: str,
         child.close(force=True)
 
 
-def shell(tmp_path: Path, *args: str) -> contextlib.AbstractContextManager[
-        pexpect.spawn]:
+def shell(tmp_path: Path, *args: str, columns: int = 200
+          ) -> contextlib.AbstractContextManager[pexpect.spawn]:
     """``qmp-shell ARGS`` on a pty (pass ``--history`` in `args`)."""
-    return spawned(tmp_path, "qmp-shell", list(args))
+    return spawned(tmp_path, "qmp-shell", list(args), columns)
 
 
 def output(child: pexpect.spawn) -> str:
@@ -186,6 +186,36 @@ def test_event_at_idle_prompt_keeps_the_line(qemu2: MultiQEMU,
             child.send("status" + ENTER)
             child.expect_exact('"status": "paused"')
             assert leave(child) == 0, output(child)
+
+
+def test_event_above_a_line_that_wraps(qemu2: MultiQEMU,
+                                       tmp_path: Path) -> None:
+    """A line longer than the terminal is wide is erased whole, from
+    the row of its prompt, before an event is printed above it; and
+    redrawn whole, wherever the cursor was in it."""
+    line = 'human-monitor-command command-line="info status"'
+    with shell(tmp_path, "--history", "", qemu2.paths[0],
+               columns=40) as child:
+        at_prompt(child)
+        child.send(line)
+        child.expect_exact(line[-10:])
+        with QMPSyncClient(qemu2.paths[1]) as client:
+            client.connect(timeout=BOUND)
+            # Cursor at the end, on the second row: up one row, clear.
+            client.execute("stop", timeout=BOUND)
+            child.expect_exact('\r\x1b[1A\x1b[J{"timestamp"')
+            child.expect_exact('"event": "STOP"')
+            child.expect_exact(line[-10:])
+            # Cursor at the start (Ctrl-A), on the prompt's row: clear
+            # from there, which takes the second row too.
+            child.send("\x01")
+            client.execute("cont", timeout=BOUND)
+            child.expect_exact('\r\x1b[J{"timestamp"')
+            child.expect_exact('"event": "RESUME"')
+            child.expect_exact(line[-10:])
+        child.send(ENTER)
+        child.expect_exact("VM status: running")
+        assert leave(child) == 0, output(child)
 
 
 def test_transactions(qemu: QEMU, tmp_path: Path) -> None:

@@ -93,6 +93,7 @@ class Terminal:
         self._readline: ModuleType | None = None
         self._prompt = ""
         self._force_redisplay: Callable[[], object] | None = None
+        self._point: ctypes.c_int | None = None
 
     def __enter__(self) -> Terminal:
         """Main thread: set up readline, load the history, start the
@@ -105,7 +106,10 @@ class Terminal:
             module = None  # type: ignore[assignment]
         readline = self._readline = module
         if readline is not None:
-            self._force_redisplay = _find_forced_redisplay(readline)
+            library = _readline_library(readline)
+            if library is not None:
+                self._force_redisplay = library.rl_forced_update_display
+                self._point = ctypes.c_int.in_dll(library, "rl_point")
             readline.set_completer_delims(" \t\n")
             readline.set_completer(self._on_complete)
             readline.parse_and_bind("tab: complete")
@@ -223,9 +227,9 @@ class Terminal:
             else:
                 lines.append(self._show_event(event))
         ending = self._ended and raise_end
-        # Erase the prompt line: readline draws it again below, unless
-        # the session has ended.
-        erase = "\r\x1b[K" if redraw and self._out.isatty() else ""
+        # Erase the line being edited, every screen row of it: readline
+        # draws it again below, unless the session has ended.
+        erase = self._erase_line() if redraw and self._out.isatty() else ""
         if lines:
             self._out.write(erase + "".join(f"{x}\n" for x in lines))
             if redraw and not ending:
@@ -235,6 +239,25 @@ class Terminal:
         self._out.flush()
         if ending:
             raise SessionEnded("the session has ended")
+
+    def _erase_line(self) -> str:
+        """Main thread, at the prompt: the control codes that take the
+        cursor to the start of the prompt and clear from there on (a
+        line longer than the terminal is wide spans several rows)."""
+        try:
+            width = os.get_terminal_size(self._out.fileno()).columns
+        except (OSError, ValueError):
+            width = 0
+        before_cursor = self._prompt
+        if self._readline is not None:
+            typed = self._readline.get_line_buffer()
+            if self._point is not None:
+                # rl_point counts bytes of the line, not characters.
+                typed = typed.encode()[:self._point.value].decode(
+                    errors="ignore")
+            before_cursor += typed
+        rows_up = len(before_cursor) // width if width > 0 else 0
+        return "\r" + (f"\x1b[{rows_up}A" if rows_up else "") + "\x1b[J"
 
     def _redraw(self) -> None:
         """Main thread, at the prompt: draw the prompt and the line
@@ -287,22 +310,23 @@ class Terminal:
                 return
 
 
-def _find_forced_redisplay(
-        readline: ModuleType) -> Callable[[], object] | None:
+def _readline_library(readline: ModuleType) -> ctypes.CDLL | None:
     """
-    GNU readline's ``rl_forced_update_display``, or None.
+    The GNU readline C library behind the `readline` module, or None.
 
-    ``readline.redisplay()`` redraws only what readline believes has
-    changed on screen; after an event is printed over the prompt nothing
-    has, as far as it knows. Its C library can redraw the whole line,
-    cursor position included.
+    The module lacks two things the live events need:
+    ``rl_forced_update_display`` (``readline.redisplay()`` redraws only
+    what readline believes has changed on screen, and after an event
+    is printed over the prompt nothing has, as far as it knows) and
+    ``rl_point``, where the cursor is in the line.
     """
-    for library in (getattr(readline, "__file__", None), None):
+    for path in (getattr(readline, "__file__", None), None):
         try:
-            function = ctypes.CDLL(library).rl_forced_update_display
-        except (OSError, AttributeError):
+            library = ctypes.CDLL(path)
+            library.rl_forced_update_display.restype = ctypes.c_int
+            library.rl_forced_update_display.argtypes = []
+            ctypes.c_int.in_dll(library, "rl_point")
+        except (OSError, AttributeError, ValueError):
             continue
-        function.restype = ctypes.c_int
-        function.argtypes = []
-        return function
+        return library
     return None
