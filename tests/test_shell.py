@@ -105,6 +105,7 @@ def test_unknown_names_get_suggestions_and_nothing_is_sent(
     run = shell(["-l", str(log), qemu.path], "qeury-status",
                 "human-monitor-command comand-line=x",
                 "query-status foo=1", "query-status a=",
+                "blockdev-add driver=raw file.drivr=null-co",
                 "cmd a.b=1 a=2", "query-status")
     assert run.status == cli.EXIT_FAILED
     assert run.err.splitlines() == [
@@ -114,6 +115,8 @@ def test_unknown_names_get_suggestions_and_nothing_is_sent(
         "(did you mean 'command-line'?)",
         "Error: query-status takes no arguments, not 'foo'",
         "Error: query-status takes no arguments, not 'a'",
+        "Error: blockdev-add has no argument 'file.drivr' (did you mean "
+        "'file.driver'?)",
         "Error: key 'a' cannot be both a value and an object",
     ]
     assert len(run.messages) == 1
@@ -410,6 +413,11 @@ def schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schema]:
     ("transaction( ", "block-dirty-bitmap-ad",
      ["block-dirty-bitmap-add "]),
     ("transaction( block-dirty-bitmap-add ", "na", ["name="]),
+    ("blockdev-add driver=raw ", "file.driver=null-", [
+        "file.driver=null-aio ", "file.driver=null-co "]),
+    ("blockdev-add driver=raw file.driver=null-co ", "file.read-only=f",
+     ["file.read-only=false "]),
+    ("blockdev-add ", "file.nosuch=", []),
     ("qom-get path=", '"x', []),
     ("qom-get path='/a ", "", []),
 ])
@@ -439,6 +447,21 @@ def test_completion_inside_a_transaction(schema: Schema) -> None:
     ("xyzzy", {}, "unknown command 'xyzzy'; 'help' lists them"),
     ("transaction", {"actions": [{"type": "abort", "data": {"x": 1}}]},
      "action abort takes no arguments, not 'x'"),
+    # Nested objects are checked too, a union's variants leniently.
+    ("blockdev-add", {"driver": "raw", "node-name": "n",
+                      "file": {"driver": "null-co", "size": 4096}}, None),
+    ("blockdev-add", {"driver": "raw", "file": {"drivr": "null-co"}},
+     "blockdev-add has no argument 'file.drivr' (did you mean "
+     "'file.driver'?)"),
+    ("blockdev-add", {"driver": "qcow2", "file": {
+        "driver": "raw", "file": {"driver": "file", "filname": "x"}}},
+     "blockdev-add has no argument 'file.file.filname' (did you mean "
+     "'file.file.filename'?)"),
+    ("blockdev-add", {"driver": "qcow2", "file": "node0"}, None),
+    ("qom-set", {"path": "/", "property": "p", "value": {"any": 1}}, None),
+    ("transaction", {"actions": [], "properties": {"completion-mod": "x"}},
+     "transaction has no argument 'properties.completion-mod' (did you "
+     "mean 'properties.completion-mode'?)"),
 ])
 def test_checks_before_sending(schema: Schema, name: str,
                                arguments: dict[str, object],

@@ -91,9 +91,10 @@ def _complete_argument(schema: Schema, command: str, tokens: list[str],
     given = _given(tokens)
     key, equals, value = word.partition("=")
     if equals:
-        # Values of top-level arguments only.
-        return [f"{key}={v} " for v in schema.values(command, key, given)
-                if v.startswith(value) and "." not in key]
+        *path, leaf = key.split(".")
+        return [f"{key}={v} "
+                for v in schema.values(command, leaf, given, path)
+                if v.startswith(value)]
     *path, stem = word.split(".")
     prefix = "".join(f"{p}." for p in path)
     nested: Mapping[str, object] = given

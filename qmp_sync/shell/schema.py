@@ -21,13 +21,14 @@ _OPEN_ARGUMENTS = frozenset({"device_add"})
 _ENUM_PREVIEW = 6
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """" (did you mean 'x'?)" for the choices closest to `word`, or ""
-    when none is close."""
+def suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """" (did you mean 'x'?)" for the choices closest to `word`, each
+    shown after `prefix`, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.8)
     if not close:
         return ""
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    shown = " or ".join(repr(prefix + c) for c in close)
+    return f" (did you mean {shown}?)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,10 @@ class Schema:
         """
         Why the server would refuse command `name` with `arguments`
         because of a misspelt name, or None when it looks right (or when
-        the schema cannot tell). Only top-level argument names (and the
-        actions of a ``transaction``) are checked.
+        the schema cannot tell). Argument names are checked at every
+        level of nesting (``file.driver``) where the value is an object
+        of a known type, and so are the actions of a ``transaction``;
+        inside a union, a member of any of its variants is accepted.
         """
         if not self.known:
             return None
@@ -111,20 +114,30 @@ class Schema:
             data if isinstance(data, Mapping) else {})
 
     def _check_members(self, what: str, type_name: str | None,
-                       given: Mapping[str, object]) -> str | None:
-        """The first name in `given` that object type `type_name` does
-        not have, with a suggestion; None if all are known."""
+                       given: Mapping[str, object],
+                       prefix: str = "") -> str | None:
+        """The first name in `given` (nested objects included, named
+        with `prefix`) that object type `type_name` does not have, with
+        a suggestion; None if all are known."""
         if type_name is None or what in _OPEN_ARGUMENTS:
             return None
-        names = {m.name for m in self._members(type_name, None)}
-        for key in given:
-            if key not in names:
-                if not names:
+        members = {str(m.get("name")): str(m.get("type"))
+                   for m in self._raw_members(type_name, None)}
+        for key, value in given.items():
+            if key not in members:
+                if not members and not prefix:
                     return f"{what} takes no arguments, not {key!r}"
-                hint = suggest(key, names) or (
+                hint = suggest(key, members, prefix) or (
                     f"; 'help {what}' lists them"
-                    if not what.startswith("action ") else "")
-                return f"{what} has no argument {key!r}{hint}"
+                    if not what.startswith("action ") and not prefix
+                    else "")
+                return f"{what} has no argument {prefix + key!r}{hint}"
+            if isinstance(value, Mapping):
+                problem = self._check_members(
+                    what, self._object_branch(members[key]), value,
+                    f"{prefix}{key}.")
+                if problem:
+                    return problem
         return None
 
     # ------------------------------------------------------------------
@@ -142,30 +155,36 @@ class Schema:
             there (``driver=qcow2``) adds that variant's members;
             without it only the common members are listed.
         """
-        type_name = self._command_arg_type(name)
-        if type_name is None:
-            type_name = self._action_data_type(name)
-        given = given or {}
-        for part in path:
-            if type_name is None:
-                return []
-            type_name = self._member_object(type_name, part, given)
-            nested = given.get(part)
-            given = nested if isinstance(nested, Mapping) else {}
+        type_name, given = self._object_at(name, given or {}, path)
         if type_name is None:
             return []
         return self._members(type_name, given)
 
     def values(self, name: str, argument: str,
-               given: Mapping[str, object] | None = None) -> list[str]:
-        """The words an argument can take (enum values, true/false), for
-        completion; [] when it is free text."""
-        type_name = (self._command_arg_type(name)
-                     or self._action_data_type(name))
-        for arg in self._raw_members(type_name or "", given or {}):
+               given: Mapping[str, object] | None = None,
+               path: Sequence[str] = ()) -> list[str]:
+        """The words an argument (of the nested object at dotted `path`)
+        can take: enum values, true/false; [] when it is free text."""
+        type_name, given = self._object_at(name, given or {}, path)
+        for arg in self._raw_members(type_name or "", given):
             if arg.get("name") == argument:
                 return self._words(str(arg.get("type")))
         return []
+
+    def _object_at(self, name: str, given: Mapping[str, object],
+                   path: Sequence[str]
+                   ) -> tuple[str | None, Mapping[str, object]]:
+        """The object type at dotted `path` in the arguments of command
+        (or transaction action) `name`, and the part of `given` there."""
+        type_name = (self._command_arg_type(name)
+                     or self._action_data_type(name))
+        for part in path:
+            if type_name is None:
+                break
+            type_name = self._member_object(type_name, part, given)
+            nested = given.get(part)
+            given = nested if isinstance(nested, Mapping) else {}
+        return type_name, given
 
     def describe(self, name: str) -> list[str]:
         """
