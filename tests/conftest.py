@@ -264,6 +264,46 @@ def qemu(tmp_path: Path) -> Iterator[QEMU]:
         instance.kill()
 
 
+class GuestAgent:
+    """A qemu-ga process serving its protocol on the unix socket `path`
+    (on the host: its commands answer about this machine)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], path: str):
+        self.proc = proc
+        self.path = path
+
+
+@pytest.fixture
+def qemu_ga(tmp_path: Path) -> Iterator[GuestAgent]:
+    """
+    A guest agent listening on a unix socket bound here, handed over
+    by systemd's socket activation protocol (fd 3, LISTEN_FDS,
+    LISTEN_PID), so it accepts connections from the first instant.
+    """
+    binary = shutil.which("qemu-ga", path=f"{os.environ['PATH']}:/usr/sbin")
+    if binary is None:
+        pytest.fail("qemu-ga is not installed: the README's test command "
+                    "(tools/test.sh) installs it with apt-get")
+    path = str(tmp_path / "qga.sock")
+    state = tmp_path / "qga-state"
+    state.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(4)
+        # The listener arrives as stdin; the shell moves it to fd 3 and
+        # keeps its own pid for qemu-ga, which must match LISTEN_PID.
+        proc = subprocess.Popen(
+            ["sh", "-c", 'exec 3<&0 </dev/null; LISTEN_PID=$$ LISTEN_FDS=1 '
+             'exec "$0" -m unix-listen -p "$1" -t "$2"',
+             binary, path, str(state)],
+            stdin=listener.fileno(), stdout=subprocess.DEVNULL)
+    try:
+        yield GuestAgent(proc, path)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture
 def qemu2(tmp_path: Path) -> Iterator[MultiQEMU]:
     """A guest-less QEMU with two QMP monitors (``paths``)."""

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import QEMU, QEMU_ARGS, MultiQEMU, qemu_binary, start_qemu
+from conftest import (
+    QEMU,
+    QEMU_ARGS,
+    GuestAgent,
+    MultiQEMU,
+    qemu_binary,
+    start_qemu,
+)
 
 from qmp_sync import QMPSyncClient
 from qmp_sync.shell import cli, main, wrap_main
@@ -226,6 +233,31 @@ def test_skip_negotiation(qemu: QEMU, shell: Callable[..., Run]) -> None:
     assert refused["error"]["class"] == "CommandNotFound"  # type: ignore
     assert negotiated == {"return": {}}
     assert status["return"]["running"] is True  # type: ignore
+
+
+def test_guest_agent(qemu_ga: GuestAgent,
+                     shell: Callable[..., Run]) -> None:
+    """-N talks to a real qemu-ga, which neither greets nor negotiates;
+    its commands are checked against the list guest-info gives."""
+    run = shell(["-N", qemu_ga.path], "guest-ping", "guest-sync id=42",
+                "guest-pnig")
+    assert run.messages == [{"return": {}}, {"return": 42}]
+    assert run.err == ("Error: unknown command 'guest-pnig' (did you mean "
+                       "'guest-ping'?)\n")
+    assert run.status == cli.EXIT_FAILED
+
+
+def test_guest_agent_without_skip_negotiation(
+        qemu_ga: GuestAgent, shell: Callable[..., Run],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without -N the shell waits for a greeting qemu-ga never sends,
+    and then says what to try."""
+    monkeypatch.setattr(cli, "CONNECT_TIMEOUT", 0.3)
+    run = shell([qemu_ga.path], "guest-ping")
+    assert run.status == cli.EXIT_CONNECTION
+    assert run.err == (
+        f"Error: {qemu_ga.path} sent no greeting within 0.3 s (is another "
+        "client using this monitor? A guest agent needs -N.)\n")
 
 
 def test_quit_as_the_last_line_exits_0(

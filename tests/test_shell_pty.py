@@ -19,7 +19,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import QEMU, QEMU_ARGS, MultiQEMU, qemu_binary
+from conftest import QEMU, QEMU_ARGS, GuestAgent, MultiQEMU, qemu_binary
 
 from qmp_sync import QMPSyncClient
 
@@ -157,6 +157,19 @@ def test_tab_completes_a_command_name(qemu: QEMU, tmp_path: Path) -> None:
         child.expect_exact("status ")
         child.send(ENTER)
         child.expect_exact(STATUS_REPLY)
+        assert leave(child) == 0, output(child)
+
+
+def test_guest_agent(qemu_ga: GuestAgent, tmp_path: Path) -> None:
+    """-N with a real qemu-ga: no greeting, completion from the command
+    list guest-info gives, a reply."""
+    with shell(tmp_path, "--history", "", "-N", qemu_ga.path) as child:
+        child.expect_exact("Connected to the server, without a greeting")
+        at_prompt(child)
+        child.send("guest-pi\t")
+        child.expect_exact("ng ")
+        child.send(ENTER)
+        child.expect_exact('{"return": {}}')
         assert leave(child) == 0, output(child)
 
 

@@ -177,8 +177,10 @@ class Shell:
             version = (f" {qemu['major']}.{qemu['minor']}"
                        f".{qemu['micro']}")
         monitor = "human monitor via QMP" if self.options.hmp else "QMP"
-        self._print(f"Connected to QEMU{version} ({monitor}). Type 'help' "
-                    "for its commands, Ctrl-D to leave.")
+        peer = (f"QEMU{version} ({monitor})" if greeting is not None
+                else "the server, without a greeting (-N)")
+        self._print(f"Connected to {peer}. Type 'help' for its commands, "
+                    "Ctrl-D to leave.")
 
     def _end_session(self) -> None:
         """End the session (with ``quit`` first, for qmp-shell-wrap)."""
@@ -493,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TimeoutError:
             print(f"Error: {args.address} sent no greeting within "
                   f"{CONNECT_TIMEOUT:g} s (is another client using this "
-                  "monitor?)", file=sys.stderr)
+                  "monitor? A guest agent needs -N.)", file=sys.stderr)
             return EXIT_CONNECTION
         return Shell(client, options_from(args)).run()
 
