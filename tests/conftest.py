@@ -264,13 +264,9 @@ def qemu(tmp_path: Path) -> Iterator[QEMU]:
         instance.kill()
 
 
-class GuestAgent:
+class GuestAgent(QEMU):
     """A qemu-ga process serving its protocol on the unix socket `path`
     (on the host: its commands answer about this machine)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], path: str):
-        self.proc = proc
-        self.path = path
 
 
 @pytest.fixture
@@ -297,11 +293,11 @@ def qemu_ga(tmp_path: Path) -> Iterator[GuestAgent]:
              'exec "$0" -m unix-listen -p "$1" -t "$2"',
              binary, path, str(state)],
             stdin=listener.fileno(), stdout=subprocess.DEVNULL)
+    agent = GuestAgent(proc, path)
     try:
-        yield GuestAgent(proc, path)
+        yield agent
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        agent.kill()
 
 
 @pytest.fixture
