@@ -137,7 +137,7 @@ def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
     sockets in `directory`, and return it once it reports "running".
 
     The sockets are bound here and handed over as fds. A QEMU whose
-    monitor greets the probe but never answers it (seen once in 45
+    monitor greets the probe but never answers it (seen once in 56
     runs of this suite on a loaded machine, never in 2,000 starts
     outside it; the cause is not known) is killed and started afresh,
     at most STARTUP_ATTEMPTS times; each such restart is listed at the
