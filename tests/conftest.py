@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 from peers import BlockingPeer, FakeQMP
+from typing_extensions import Self
 
 ASYNC_TEST_TIMEOUT = 30.0
 STARTUP_TIMEOUT = 10.0  # QEMU answers in well under a second
@@ -101,11 +102,18 @@ def qemu_binary() -> str:
 
 
 class QEMU:
-    """A running guest-less QEMU process and the QMP socket path."""
+    """A running guest-less QEMU process and the QMP socket path; as a
+    context manager, killed when the block is left."""
 
     def __init__(self, proc: subprocess.Popen[bytes], path: str):
         self.proc = proc
         self.path = path
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
 
     def kill(self) -> None:
         """SIGKILL the process (by pid) and reap it."""
@@ -257,11 +265,8 @@ def peer() -> Iterator[BlockingPeer]:
 @pytest.fixture
 def qemu(tmp_path: Path) -> Iterator[QEMU]:
     """A guest-less QEMU whose QMP monitor listens on a unix socket."""
-    instance = start_qemu_monitors(tmp_path, 1)
-    try:
+    with start_qemu_monitors(tmp_path, 1) as instance:
         yield instance
-    finally:
-        instance.kill()
 
 
 class GuestAgent(QEMU):
@@ -293,19 +298,13 @@ def qemu_ga(tmp_path: Path) -> Iterator[GuestAgent]:
              'exec "$0" -m unix-listen -p "$1" -t "$2"',
              binary, path, str(state)],
             stdin=listener.fileno(), stdout=subprocess.DEVNULL)
-    agent = GuestAgent(proc, path)
-    try:
+    with GuestAgent(proc, path) as agent:
         yield agent
-    finally:
-        agent.kill()
 
 
 @pytest.fixture
 def qemu2(tmp_path: Path) -> Iterator[MultiQEMU]:
     """A guest-less QEMU with two QMP monitors (``paths``)."""
-    instance = start_qemu_monitors(tmp_path, 2)
-    try:
+    with start_qemu_monitors(tmp_path, 2) as instance:
         yield instance
-    finally:
-        instance.kill()
 

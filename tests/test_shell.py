@@ -416,14 +416,11 @@ def schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schema]:
     """QEMU's schema, as the shell reads it."""
     from conftest import start_qemu_monitors
 
-    instance = start_qemu_monitors(tmp_path_factory.mktemp("schema"), 1)
-    try:
-        with QMPSyncClient(instance.path) as client:
-            client.connect()
-            commands = client.execute("query-commands")
-            entities = client.execute("query-qmp-schema")
-    finally:
-        instance.kill()
+    with start_qemu_monitors(tmp_path_factory.mktemp("schema"), 1) as vm, \
+            QMPSyncClient(vm.path) as client:
+        client.connect()
+        commands = client.execute("query-commands")
+        entities = client.execute("query-qmp-schema")
     assert isinstance(commands, list) and isinstance(entities, list)
     yield Schema([c["name"] for c in commands], entities)
 
