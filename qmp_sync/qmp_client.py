@@ -559,6 +559,11 @@ class QMPClient(AsyncProtocol[Message], Events):
         except EOFError as err:
             raise GreetingError("the server closed the connection during "
                                 "negotiation") from err
+        if "QMP" in reply:
+            raise NegotiationError(
+                "the server greeted again instead of answering "
+                "qmp_capabilities (QEMU 7.2 can, to a client that connects "
+                "while it is still starting): connect again", reply)
         if reply.get("id") != _NEGOTIATION_ID or "return" not in reply:
             error = reply.get("error")
             desc = error.get("desc") if isinstance(error, dict) else None
