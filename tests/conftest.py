@@ -149,7 +149,7 @@ def start_qemu_monitors(directory: Path, count: int) -> MultiQEMU:
     may connect while QEMU is still setting its monitor up. QEMU 7.2
     then, rarely, greets that connection twice (the second greeting
     resets the monitor, and the probe's qmp_capabilities may be lost,
-    so no answer ever comes): seen twice in some 75 runs of this suite,
+    so no answer ever comes): seen 3 times in some 90 runs of this suite,
     never in 2,000 starts outside it. Such a QEMU is killed and started
     afresh, at most STARTUP_ATTEMPTS times; each restart is listed at
     the end of the test run.
