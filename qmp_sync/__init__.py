@@ -4,8 +4,9 @@ qmp_sync: a QMP client for QEMU with an asyncio core.
 ``QMPSyncClient`` is the blocking, thread-safe client; ``QMPClient`` the
 asyncio client under it. The layers, from the bottom: ``error``,
 ``util``, ``protocol`` (the generic core), ``message``, ``events``,
-``qmp_client``, ``_loop`` (the crossing between threads), ``sync`` and
-``legacy``. README.rst has the tutorial.
+``qmp_client``, ``_loop`` (the crossing between threads),
+``_event_queue`` (the blocking event queue), ``sync`` and ``legacy``.
+README.rst has the tutorial.
 """
 
 from .error import ProtocolError, QMPError

@@ -10,10 +10,10 @@ Ownership rules, checked by reading this file alone:
 - Caller threads reach the loop in exactly one way: `Bridge._schedule`,
   a ``call_soon_threadsafe`` made under the loop thread's lock, which
   refuses new work once the loop thread is stopping (`LoopThread.stop`
-  schedules the shutdown itself under the same lock).
-- The loop thread hands results back through a `Reply` (one per call)
-  and events through a `BlockingListener`; both only ever release a
-  lock or notify a condition on that side, never wait.
+  schedules the shutdown itself under the same lock). Every blocking
+  call is a `Bridge.block_on`: the loop starts the work, a timer (if
+  any) abandons it, and the result comes back through a `Handoff`,
+  which the loop thread fills by releasing a lock, never waiting.
 - A blocking call made *from* the loop thread fails at once
   (`Bridge.check_caller`) instead of deadlocking; so does one made in
   a child process on a client inherited across ``fork()``.
@@ -27,22 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import contextlib
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Callable, Generic, TypeVar
 
 from .error import QMPError
-from .events import EventFilter, EventSelector
-from .message import Message
-from .protocol import AsyncProtocol, Runstate, raise_state_error
+from .protocol import AsyncProtocol, Runstate
+from .util import exception_summary
 
-__all__ = ("BlockingListener", "Bridge", "LoopThread", "Reply")
+__all__ = (
+    "Bridge",
+    "Handoff",
+    "LoopThread",
+    "Starter",
+    "disconnect_quietly",
+    "end_daemon_thread_at_exit",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,45 +65,62 @@ _fork_generation = 0
 
 
 class _Aborted(BaseException):
-    """Marks a `Reply` whose caller was interrupted; never raised to
+    """Marks a `Handoff` whose caller was interrupted; never raised to
     users (the caller re-raises its own KeyboardInterrupt)."""
 
 
-class Reply(Generic[R]):
+#: Started in the loop thread by `Bridge.block_on`: begins the work,
+#: which fills the hand-off later (or at once), and returns how to
+#: abandon it, or None when it cannot be abandoned. Abandoning returns
+#: True when the work will still fill the hand-off itself once it has
+#: unwound (a cancelled task does).
+Starter = Callable[["Handoff[R]"], "Callable[[], object] | None"]
+
+
+class Handoff(Generic[R]):
     """
-    A one-shot slot: the loop thread sets it once, one caller thread
+    A one-shot slot: the loop thread fills it once, one caller thread
     waits for it.
 
-    Waiting is a plain lock acquisition, released by the setter: the
+    Waiting is a plain lock acquisition, released by the filler: the
     cheapest wake-up between two threads, with no asyncio object and no
     extra loop pass involved.
     """
 
-    __slots__ = ("_error", "_lock", "_result", "abort", "done", "timer")
+    __slots__ = (
+        "_error",
+        "_lock",
+        "_result",
+        "abort",
+        "done",
+        "timed_out",
+        "timer",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: R | None = None
         self._error: BaseException | None = None
-        #: True once set. Loop thread only.
+        #: Loop thread only: True once filled.
         self.done = False
-        #: Loop thread only: how to abandon the work behind this reply;
-        #: it returns True when the work will still set the reply itself
-        #: once it has unwound (a cancelled task does).
+        #: Loop thread only: how to abandon the work (see `Starter`).
         self.abort: Callable[[], object] | None = None
         #: Loop thread only: the timer of the call's timeout, if any.
         self.timer: asyncio.TimerHandle | None = None
+        #: Loop thread only: the error to raise once the timeout has
+        #: passed and the work has unwound.
+        self.timed_out: TimeoutError | None = None
 
     def set_result(self, result: R, /) -> None:
-        """Runs in the loop thread: deliver `result`; later sets are
+        """Runs in the loop thread: deliver `result`; later fills are
         ignored."""
         if not self.done:
             self._result = result
             self._finish()
 
     def set_exception(self, exception: BaseException, /) -> None:
-        """Runs in the loop thread: deliver `exception`; later sets are
+        """Runs in the loop thread: deliver `exception`; later fills are
         ignored."""
         if not self.done:
             self._error = exception
@@ -112,27 +134,27 @@ class Reply(Generic[R]):
             self.timer = None
         self._lock.release()
 
-    def wait(self, bridge: Bridge) -> R:
+    def wait(self, interrupted: Callable[[], None]) -> R:
         """
-        Runs in the caller thread: block until the reply is set, then
-        return its result or raise its exception (the same object, so
-        the traceback gains the caller's frames).
+        Runs in the caller thread: block until filled, then return the
+        result or raise the exception (the same object, so the traceback
+        gains the caller's frames).
 
-        A `KeyboardInterrupt` (or any exception raised by a signal
-        handler) while blocked asks the loop to abandon the work, waits
-        briefly for that, and propagates.
+        A `KeyboardInterrupt` (or any exception a signal handler raises)
+        while blocked calls `interrupted` (which asks the loop to abandon
+        the work), waits briefly for the loop to do so, and propagates.
         """
         try:
             self._lock.acquire()
         except BaseException:
             with contextlib.suppress(QMPError):  # the loop is gone
-                bridge._schedule(bridge._abort, self)
+                interrupted()
                 self._lock.acquire(timeout=_ABORT_GRACE)
             raise
         error = self._error
         if error is not None:
             self._error = None  # no reference cycle through the traceback
-            _end_daemon_thread_at_exit()
+            end_daemon_thread_at_exit()
             raise error
         return self._result  # type: ignore[return-value]
 
@@ -238,10 +260,23 @@ class LoopThread:
             logger.debug("Ending %d open session(s) at exit.",
                          len(open_clients))
             await asyncio.wait(
-                [self.loop.create_task(client._reset_quietly())
+                [self.loop.create_task(disconnect_quietly(client))
                  for client in open_clients],
                 timeout=_EXIT_GRACE)
         self.loop.stop()
+
+
+async def disconnect_quietly(client: AsyncProtocol[Any]) -> None:
+    """
+    Runs in the loop thread: end `client`'s session, if any, logging
+    (not raising) the failure that ended it: for sessions whose owner
+    is gone (a client dropped without ``close()``, or open at exit).
+    """
+    try:
+        await client.disconnect()
+    except Exception as err:
+        logger.debug("Session of %r ended with: %s", client,
+                     exception_summary(err))
 
 
 _exiting = False
@@ -259,7 +294,7 @@ def _stop_shared_loop_thread() -> None:
         shared.stop()
 
 
-def _end_daemon_thread_at_exit() -> None:
+def end_daemon_thread_at_exit() -> None:
     """
     Runs in a caller thread about to raise because its session ended:
     when that is the interpreter exiting and this is a daemon thread (the
@@ -286,6 +321,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class Bridge:
     """
     One client's way into the loop that hosts its session.
+
+    Every blocking call goes through `block_on` (directly, or through
+    `block_on_call` and `block_on_coroutine`, which build its starter):
+    one scheduling path, one timeout rule, one interruption rule.
 
     :param loop: An event loop the caller runs in a thread of its own
         with ``run_forever()``; None for the shared loop thread.
@@ -326,7 +365,11 @@ class Bridge:
                 f"{what}: this client was created in the parent process "
                 "before fork(); its loop thread does not exist in this "
                 "child process. Create a new client here.")
-        if asyncio._get_running_loop() is self.loop:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self.loop:
             raise QMPError(
                 f"{what} is a blocking call and was made from the "
                 "client's own event loop thread (an event filter, say), "
@@ -361,128 +404,102 @@ class Bridge:
     # ------------------------------------------------------------------
     # Blocking calls; the public methods run in caller threads.
 
-    def call(self, what: str, func: Callable[..., R], *args: object) -> R:
+    def block_on(self, what: str, start: Starter[R],
+                 timeout: float | None = None) -> R:
         """
-        Run ``func(*args)`` (a plain function) in the loop thread; block
-        until it returns; return its result or raise its exception.
+        Runs in a caller thread: have the loop thread call
+        ``start(handoff)``, then block until the work it began fills the
+        hand-off; return its result or raise its exception.
+
+        :param what: The call, for error messages.
+        :param timeout: Seconds (already checked, see
+            ``util.timeout_seconds``), or None for no limit.
+        :raise TimeoutError: When `timeout` passes first; the loop has
+            abandoned the work (and, where abandoning takes time, seen it
+            unwind) by the time this raises.
+        :raise QMPError: When the call cannot be made from this thread,
+            or the loop is gone.
         """
         self.check_caller(what)
-        reply: Reply[R] = Reply()
-        self._schedule(self._call, reply, func, args)
-        return reply.wait(self)
+        handoff: Handoff[R] = Handoff()
+        self._schedule(self._start, handoff, start, timeout, what)
+        return handoff.wait(partial(self._schedule, self._abandon, handoff))
+
+    def _start(self, handoff: Handoff[R], start: Starter[R],
+               timeout: float | None, what: str) -> None:
+        """Runs in the loop thread: see `block_on`."""
+        try:
+            handoff.abort = start(handoff)
+        except Exception as err:
+            handoff.set_exception(err)
+            return
+        if timeout is not None and not handoff.done:
+            handoff.timer = self.loop.call_later(
+                timeout, self._expire, handoff, what, timeout)
 
     @staticmethod
-    def _call(reply: Reply[R], func: Callable[..., R],
-              args: tuple[object, ...]) -> None:
-        """Runs in the loop thread: see `call`."""
-        try:
-            result = func(*args)
-        except Exception as err:
-            reply.set_exception(err)
-        else:
-            reply.set_result(result)
-
-    def submit(self, what: str,
-               begin: Callable[[Any, Reply[R]], Callable[[], object]],
-               arg: object, timeout: float | None = None) -> R:
-        """
-        Start an operation in the loop thread and block until it ends:
-        ``begin(arg, reply)`` starts it there and returns the function
-        that abandons it; the operation later sets `reply`. No task is
-        made: this is the path of every command.
-
-        :raise TimeoutError: When `timeout` seconds pass first; the loop
-            has abandoned the operation by the time this raises.
-        """
-        self.check_caller(what)
-        reply: Reply[R] = Reply()
-        self._schedule(self._begin, reply, begin, arg, timeout, what)
-        return reply.wait(self)
-
-    def _begin(self, reply: Reply[R],
-               begin: Callable[[Any, Reply[R]], Callable[[], object]],
-               arg: object, timeout: float | None, what: str) -> None:
-        """Runs in the loop thread: see `submit`."""
-        try:
-            reply.abort = begin(arg, reply)
-        except Exception as err:
-            reply.set_exception(err)
+    def _expire(handoff: Handoff[Any], what: str, timeout: float) -> None:
+        """Runs in the loop thread: the timeout of `block_on` ran out."""
+        handoff.timer = None
+        if handoff.done:
             return
-        if timeout is not None and not reply.done:
-            reply.timer = self.loop.call_later(
-                timeout, self._expire, reply, what, timeout)
+        handoff.timed_out = TimeoutError(
+            f"{what} timed out after {timeout:g} s")
+        abort = handoff.abort
+        if abort is None or not abort():
+            handoff.set_exception(handoff.timed_out)
 
     @staticmethod
-    def _expire(reply: Reply[Any], what: str, timeout: float) -> None:
-        """Runs in the loop thread: the timeout of `submit` ran out."""
-        reply.timer = None
-        if not reply.done:
-            assert reply.abort is not None
-            reply.abort()
-            reply.set_exception(TimeoutError(
-                f"{what} timed out after {timeout:g} s"))
-
-    def run(self, what: str, func: Callable[..., Awaitable[R]],
-            *args: object, timeout: float | None = None) -> R:
-        """
-        Run coroutine ``func(*args)`` as a task in the loop thread;
-        block until the task has finished; return its result or raise
-        its exception.
-
-        (``run_coroutine_threadsafe`` would do, but cancelling its
-        future does not wait for the task to finish; the task's own
-        done-callback does.) The coroutine is made in the loop thread,
-        so a call refused here leaves no coroutine never awaited.
-
-        :raise TimeoutError: When `timeout` seconds pass first; the task
-            has been cancelled and has finished by the time this raises.
-        """
-        self.check_caller(what)
-        reply: Reply[R] = Reply()
-        self._schedule(self._start_task, reply, func, args, timeout, what)
-        return reply.wait(self)
-
-    def _start_task(self, reply: Reply[R],
-                    func: Callable[..., Awaitable[R]],
-                    args: tuple[object, ...], timeout: float | None,
-                    what: str) -> None:
-        """Runs in the loop thread: see `run`."""
-        try:
-            task = asyncio.ensure_future(func(*args), loop=self.loop)
-        except Exception as err:
-            reply.set_exception(err)
+    def _abandon(handoff: Handoff[Any]) -> None:
+        """Runs in the loop thread: the caller waiting for `handoff` was
+        interrupted; abandon its work."""
+        if handoff.done:
             return
-        timed_out: list[float] = []
+        abort = handoff.abort
+        if abort is None or not abort():
+            handoff.set_exception(_Aborted())
 
-        def expire() -> None:
-            if task.cancel():
-                timed_out.append(timeout or 0.0)
+    def block_on_call(self, what: str, func: Callable[..., R],
+                      *args: object) -> R:
+        """
+        Runs in a caller thread: run ``func(*args)`` (a plain function)
+        in the loop thread; block until it returns; return its result or
+        raise its exception.
+        """
+        def start(handoff: Handoff[R]) -> None:
+            handoff.set_result(func(*args))
+        return self.block_on(what, start)
 
-        def finished(task: asyncio.Future[R]) -> None:
-            if not task.cancelled():
+    def block_on_coroutine(self, what: str,
+                           func: Callable[..., Coroutine[Any, Any, R]],
+                           *args: object, timeout: float | None = None
+                           ) -> R:
+        """
+        Runs in a caller thread: run coroutine ``func(*args)`` as a task
+        in the loop thread; block until the task has finished; return
+        its result or raise its exception.
+
+        On a timeout (or an interruption) the task is cancelled and has
+        finished by the time this raises. The coroutine is made in the
+        loop thread, so a call refused here leaves no coroutine never
+        awaited.
+        """
+        def start(handoff: Handoff[R]) -> Callable[[], bool]:
+            task = self.loop.create_task(func(*args))
+
+            def finished(task: asyncio.Task[R]) -> None:
+                if task.cancelled():
+                    handoff.set_exception(handoff.timed_out or _Aborted())
+                    return
                 error = task.exception()
                 if error is None:
-                    reply.set_result(task.result())
+                    handoff.set_result(task.result())
                 else:
-                    reply.set_exception(error)
-            elif timed_out:
-                reply.set_exception(TimeoutError(
-                    f"{what} timed out after {timeout:g} s"))
-            else:
-                reply.set_exception(_Aborted())
+                    handoff.set_exception(error)
 
-        reply.abort = task.cancel
-        if timeout is not None:
-            reply.timer = self.loop.call_later(timeout, expire)
-        task.add_done_callback(finished)
-
-    def _abort(self, reply: Reply[Any]) -> None:
-        """Runs in the loop thread: the caller waiting for `reply` was
-        interrupted; abandon its work."""
-        if reply.done:
-            return
-        if reply.abort is None or not reply.abort():
-            reply.set_exception(_Aborted())
+            task.add_done_callback(finished)
+            return task.cancel
+        return self.block_on(what, start, timeout)
 
     def release(self, client: AsyncProtocol[Any]) -> None:
         """
@@ -497,172 +514,4 @@ class Bridge:
 
     def _start_release(self, client: AsyncProtocol[Any]) -> None:
         """Runs in the loop thread: see `release`."""
-        self.loop.create_task(client._reset_quietly())
-
-
-class BlockingListener(EventSelector):
-    """
-    A thread-safe queue of the events a client received that this
-    listener accepts: the loop thread puts, caller threads take.
-
-    :param client: The async client whose events these are; its
-        runstate tells waiters whether more events can come.
-    :param names: See `EventSelector`.
-    :param event_filter: See `EventSelector` (runs in the loop thread).
-    """
-
-    def __init__(self, client: AsyncProtocol[Any],
-                 names: str | Iterable[str] | None = None,
-                 event_filter: EventFilter | None = None) -> None:
-        super().__init__(names, event_filter)
-        self._client = client
-        self._cond = threading.Condition(threading.Lock())
-        # (sequence number, event), oldest first; the numbers let a
-        # waiter look only at what arrived since it last looked.
-        self._queue: collections.deque[tuple[int, Message]] = (
-            collections.deque())
-        self._count = 0
-        self._waiting = 0
-        # Loop thread only: a wake-up of the waiters is scheduled.
-        self._wake_scheduled = False
-
-    def __repr__(self) -> str:
-        names = "all" if self.names is None else sorted(self.names)
-        return (f"<{type(self).__name__} names={names} "
-                f"queued={len(self._queue)}>")
-
-    # ------------------------------------------------------------------
-    # The loop thread's side: never blocks beyond the short critical
-    # sections of the caller side.
-
-    def put(self, event: Message) -> None:
-        """
-        Runs in the loop thread: queue `event`; wake waiters once the
-        reader has handled everything it has read so far.
-
-        Waking them at each event would have them take events one by
-        one, fighting the reader for the GIL at every event of a burst;
-        waking them at the end of the batch costs one loop pass.
-        """
-        with self._cond:
-            self._queue.append((self._count, event))
-            self._count += 1
-            if self._waiting and not self._wake_scheduled:
-                self._wake_scheduled = True
-                asyncio.get_running_loop().call_soon(self._wake)
-
-    def _wake(self) -> None:
-        """Runs in the loop thread: wake the waiters."""
-        with self._cond:
-            self._wake_scheduled = False
-            self._cond.notify_all()
-
-    def session_ended(self) -> None:
-        """Runs in the loop thread: wake waiters, who then find that no
-        more events can come."""
-        with self._cond:
-            if self._waiting:
-                self._cond.notify_all()
-
-    # ------------------------------------------------------------------
-    # The caller threads' side.
-
-    def empty(self) -> bool:
-        """True when no event is queued."""
-        return not self._queue
-
-    def clear(self) -> list[Message]:
-        """Drop every queued event; return them, oldest first."""
-        with self._cond:
-            events = [event for _, event in self._queue]
-            self._queue.clear()
-        return events
-
-    def get(self, timeout: float | None = None) -> Message:
-        """
-        Take the oldest queued event, waiting for one if none is queued.
-
-        :param timeout: Seconds to wait at most; None waits as long as
-            the session runs.
-        :raise TimeoutError: When `timeout` passes first.
-        :raise StateError: When no event is queued and the session is
-            not running (or ends while waiting).
-        """
-        return self.take(None, timeout, "get()")
-
-    def get_nowait(self) -> Message | None:
-        """The oldest queued event, taken out, or None."""
-        with self._cond:
-            return self._queue.popleft()[1] if self._queue else None
-
-    def __iter__(self) -> Iterator[Message]:
-        """Yield events as they come, until the session has ended and
-        the queue is empty."""
-        while True:
-            try:
-                yield self.get()
-            except QMPError:
-                if self._client.runstate is Runstate.RUNNING:
-                    raise
-                return
-
-    def take(self, match: Callable[[Message], bool] | None,
-             timeout: float | None, what: str) -> Message:
-        """
-        Take out the first queued event for which `match` holds (the
-        oldest event when `match` is None), looking at queued events
-        first and then waiting for new ones; every other event stays
-        queued, in order.
-
-        :param timeout: One deadline for the whole wait, in seconds;
-            None waits as long as the session runs.
-        :param what: The call, for error messages.
-        :raise TimeoutError: When the deadline passes first.
-        :raise StateError: When the session is not running (or ends)
-            before a matching event is queued.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = -1  # sequence number of the last event looked at
-        with self._cond:
-            while True:
-                found = self._find(match, seen)
-                if found is not None:
-                    return found
-                if self._queue:
-                    seen = self._queue[-1][0]
-                if self._client.runstate is not Runstate.RUNNING:
-                    _end_daemon_thread_at_exit()
-                    raise_state_error(self._client, Runstate.RUNNING)
-                remaining = None
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError(
-                            f"{what}: no matching event within "
-                            f"{timeout:g} s")
-                self._waiting += 1
-                try:
-                    self._cond.wait(remaining)
-                finally:
-                    self._waiting -= 1
-
-    def _find(self, match: Callable[[Message], bool] | None,
-              seen: int) -> Message | None:
-        """Caller thread, lock held: take out the first event newer than
-        `seen` for which `match` holds, if any."""
-        queue = self._queue
-        if not queue:
-            return None
-        if match is None:
-            return queue.popleft()[1]
-        # Count the events that arrived after `seen` (from the right:
-        # only those are new), then look at them oldest first.
-        start = len(queue)
-        while start > 0 and queue[start - 1][0] > seen:
-            start -= 1
-        for index in range(start, len(queue)):
-            event = queue[index][1]
-            if match(event):
-                del queue[index]
-                return event
-        return None
+        self.loop.create_task(disconnect_quietly(client))

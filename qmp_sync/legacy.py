@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .error import QMPError
 from .protocol import Runstate, SocketAddr
 from .sync import QMPSyncClient
+from .util import timeout_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -207,9 +208,12 @@ class QEMUMonitorProtocol:
     def settimeout(self, timeout: float | None) -> None:
         """
         Set the timeout of `cmd`, `cmd_obj` and `cmd_raw`, in seconds
-        (None: wait as long as it takes).
+        (None or infinity: wait as long as it takes).
+
+        :raise ValueError: For NaN or a negative number (the original
+            accepts them, and fails at the next command).
         """
-        self._timeout = timeout
+        self._timeout = timeout_seconds(timeout)
 
     def send_fd_scm(self, fd: int) -> None:
         """Pass file descriptor `fd` to QEMU (SCM_RIGHTS)."""

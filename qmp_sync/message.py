@@ -5,7 +5,9 @@ A `Message` is a mutable mapping of strings to JSON values (a
 `collections.UserDict` whose ``data`` is a plain `dict`); ``bytes(msg)``
 is its compact JSON encoding as written to the wire (the client adds
 the line terminator), ``str(msg)`` the same as text. Serialising refuses
-what QMP cannot carry: values that are not JSON, NaN and infinities.
+what QMP cannot carry: values that are not JSON, keys that are not
+strings (at any depth), NaN and infinities, and nesting deeper than the
+encoder can go.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ("Message",)
+__all__ = ("Message", "decode", "encode")
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
@@ -23,6 +25,63 @@ _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 def _check_key(key: object) -> None:
     if not isinstance(key, str):
         raise TypeError(f"QMP message keys must be strings, not {key!r}")
+
+
+def _check_nested_keys(value: object) -> None:
+    """
+    Raise `TypeError` for a key that is not a string anywhere inside
+    `value` (JSON would quietly turn ``1`` into ``"1"``).
+
+    Iterative, so depth costs no stack; only called on values the
+    encoder has accepted, so there are no cycles.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    raise TypeError("QMP message keys must be strings at "
+                                    f"every level, not {key!r}")
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def encode(value: Mapping[str, object]) -> bytes:
+    """
+    Any thread: the wire form of a message's contents, compact JSON in
+    UTF-8 (without the line terminator).
+
+    :raise TypeError: When a value is not JSON-serialisable or a key,
+        at any depth, is not a string.
+    :raise ValueError: For NaN, infinity, circular references, or
+        nesting too deep to encode.
+    """
+    try:
+        text = _encode(value)
+    except TypeError as err:
+        raise TypeError(f"QMP message is not JSON-serialisable: {err}"
+                        ) from err
+    except RecursionError:
+        raise ValueError("QMP message is nested too deeply to encode"
+                         ) from None
+    _check_nested_keys(value)
+    return text.encode("utf-8")
+
+
+def decode(data: bytes) -> object:
+    """
+    Any thread: the JSON value in `data` (UTF-8, surrounding whitespace
+    allowed).
+
+    :raise ValueError: When `data` is not valid JSON, or is nested too
+        deeply to decode (the error says which).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
 
 
 class Message(collections.UserDict[str, object]):
@@ -55,8 +114,12 @@ class Message(collections.UserDict[str, object]):
                             f"{type(value).__name__}")
 
     @classmethod
-    def _wrap(cls, obj: dict[str, object]) -> Message:
-        """Adopt `obj` (no copy, no checks): for dicts fresh from JSON."""
+    def adopt(cls, obj: dict[str, object]) -> Message:
+        """
+        A message whose ``data`` is `obj` itself: no copy and no checks,
+        for dicts fresh from a JSON decoder (whose keys are strings).
+        The caller gives `obj` up.
+        """
         msg = cls.__new__(cls)
         msg.data = obj
         return msg
@@ -64,7 +127,7 @@ class Message(collections.UserDict[str, object]):
     @staticmethod
     def _parse(data: bytes) -> dict[str, object]:
         try:
-            obj = json.loads(data)
+            obj = decode(data)
         except ValueError as err:
             raise ValueError(f"not valid JSON: {err}") from err
         if not isinstance(obj, dict):
@@ -76,14 +139,12 @@ class Message(collections.UserDict[str, object]):
         """
         The wire form: compact JSON, UTF-8.
 
-        :raise TypeError: When a value is not JSON-serialisable.
-        :raise ValueError: For NaN, infinity or circular references.
+        :raise TypeError: When a value is not JSON-serialisable or a key
+            at any depth is not a string.
+        :raise ValueError: For NaN, infinity, circular references or
+            nesting too deep to encode.
         """
-        try:
-            return _encode(self.data).encode("utf-8")
-        except TypeError as err:
-            raise TypeError(f"QMP message is not JSON-serialisable: {err}"
-                            ) from err
+        return encode(self.data)
 
     def __str__(self) -> str:
         return bytes(self).decode("utf-8")

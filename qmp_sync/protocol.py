@@ -22,6 +22,7 @@ call re-raises the failure, once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -29,6 +30,7 @@ import inspect
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Coroutine
 from typing import (
     TYPE_CHECKING,
@@ -153,6 +155,14 @@ _STATE_WORDS = {
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Connection failures that ``connect(retry_until=...)`` retries: nobody
+#: listens yet, the socket file does not exist yet, or its listen
+#: backlog is full.
+_NOT_THERE_YET = (ConnectionRefusedError, FileNotFoundError,
+                  BlockingIOError)
+#: Longest pause between two connection attempts, in seconds.
+_RETRY_PAUSE = 0.1
+
 
 def require(required: Runstate) -> Callable[[F], F]:
     """
@@ -165,8 +175,9 @@ def require(required: Runstate) -> Callable[[F], F]:
     :raise StateError: When the runstate is not `required`.
     """
     def check(proto: AsyncProtocol[Any]) -> None:
-        if proto.runstate is not required:
-            raise_state_error(proto, required)
+        state = proto.runstate
+        if state is not required:
+            raise_state_error(proto, required, state)
 
     def decorate(func: F) -> F:
         if inspect.iscoroutinefunction(func):
@@ -187,17 +198,18 @@ def require(required: Runstate) -> Callable[[F], F]:
     return decorate
 
 
-def raise_state_error(proto: AsyncProtocol[Any], required: Runstate
-                      ) -> NoReturn:
+def raise_state_error(proto: AsyncProtocol[Any], required: Runstate,
+                      state: Runstate) -> NoReturn:
     """
-    Raise the `StateError` for calling a method of `proto` that needs
-    runstate `required` (for hot paths that check inline).
+    Any thread: raise the `StateError` for calling a method of `proto`
+    that needs runstate `required` in runstate `state` (which the caller
+    read once: another thread may change the runstate meanwhile, and the
+    message must name the state the call saw).
     """
     raise StateError(
-        f"{type(proto).__name__} is {_STATE_WORDS[proto.runstate]} "
-        f"(runstate {proto.runstate.name}); this call needs "
-        f"{required.name}",
-        proto.runstate, required)
+        f"{type(proto).__name__} is {_STATE_WORDS[state]} "
+        f"(runstate {state.name}); this call needs {required.name}",
+        state, required)
 
 
 def peer_hung_up(error: BaseException) -> bool:
@@ -261,7 +273,10 @@ class AsyncProtocol(Generic[T]):
 
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._outgoing: asyncio.Queue[T] | None = None
+        # Messages waiting for the writer task, oldest first, and the
+        # future that wakes the writer when one is queued.
+        self._outgoing: collections.deque[T] = collections.deque()
+        self._outgoing_ready: asyncio.Future[None] | None = None
         # The loop of the current session; its objects belong to it.
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -298,7 +313,8 @@ class AsyncProtocol(Generic[T]):
 
     @require(Runstate.IDLE)
     async def connect(self, address: SocketAddr | socket.socket,
-                      ssl: SSLContext | None = None) -> None:
+                      ssl: SSLContext | None = None, *,
+                      retry_until: float | None = None) -> None:
         """
         Connect to a server and start the session.
 
@@ -311,14 +327,20 @@ class AsyncProtocol(Generic[T]):
             from then on: it is closed at disconnect, or at once if the
             connect fails.
         :param ssl: A client-side `ssl.SSLContext` for TLS, if any.
+        :param retry_until: Seconds during which a refused connection, a
+            missing socket file or a full listen backlog is retried (the
+            server is still starting), with pauses of up to 0.1 s; the
+            runstate stays CONNECTING meanwhile, so `disconnect()` ends
+            the retrying too. Not for a socket `address`.
         :raise StateError: When the runstate is not IDLE.
         :raise TypeError: When `address` is none of the above.
         :raise ConnectError: When the connection or the session cannot be
-            established, or `disconnect()` was called meanwhile; ``.exc``
-            holds the root cause. The runstate is back to IDLE.
+            established (after the retries, if any), or `disconnect()`
+            was called meanwhile; ``.exc`` holds the root cause. The
+            runstate is back to IDLE.
         """
         _check_address(address)
-        await self._connect(address, ssl)
+        await self._connect(address, ssl, retry_until)
 
     @require(Runstate.IDLE)
     async def open_with_socket(self, sock: socket.socket) -> None:
@@ -334,7 +356,7 @@ class AsyncProtocol(Generic[T]):
         """
         if not isinstance(sock, socket.socket):
             raise TypeError(f"expected a socket.socket, not {sock!r}")
-        await self._connect(sock, None)
+        await self._connect(sock, None, None)
 
     @require(Runstate.IDLE)
     async def start_server(self, address: SocketAddr,
@@ -381,19 +403,25 @@ class AsyncProtocol(Generic[T]):
                             "Failed to accept a connection")
 
     @require(Runstate.CONNECTING)
-    async def _wait_incoming(self) -> None:
+    async def wait_for_peer(self) -> None:
         """
-        Runs in the loop thread: wait until a peer has connected to the
-        listening socket, without taking the connection (`accept` does).
-        Cancelling this wait leaves the socket listening.
+        Wait until a peer has connected to the listening socket, without
+        taking the connection (`accept` does). Cancelling this wait
+        leaves the socket listening, so a caller can wait within a
+        deadline of its own and try again later.
 
         :raise StateError: When the runstate is not CONNECTING.
         :raise QMPError: When `start_server` was not called first.
+        :raise ConnectError: When listening stops meanwhile (because
+            `disconnect()` was called).
         """
         accepted = self._accepted
         if accepted is None:
             raise QMPError("accept() needs a start_server() call first")
         await asyncio.wait((accepted,))
+        if accepted.cancelled():
+            raise ConnectError("Failed to accept a connection", QMPError(
+                "disconnect() was called while waiting for the peer"))
 
     @require(Runstate.IDLE)
     async def start_server_and_accept(
@@ -512,11 +540,13 @@ class AsyncProtocol(Generic[T]):
         attempt.result()
 
     async def _connect(self, address: SocketAddr | socket.socket,
-                       ssl: SSLContext | None) -> None:
+                       ssl: SSLContext | None,
+                       retry_until: float | None) -> None:
         """Runs in the loop thread: `connect` after its checks."""
         try:
-            await self._attempt(self._connect_phases(address, ssl),
-                                "Failed to establish connection")
+            await self._attempt(
+                self._connect_phases(address, ssl, retry_until),
+                "Failed to establish connection")
         except BaseException:
             if isinstance(address, socket.socket):
                 # Ours even if the attempt never got to use it.
@@ -524,10 +554,12 @@ class AsyncProtocol(Generic[T]):
             raise
 
     async def _connect_phases(self, address: SocketAddr | socket.socket,
-                              ssl: SSLContext | None) -> None:
+                              ssl: SSLContext | None,
+                              retry_until: float | None) -> None:
         """Runs in the loop thread, as the attempt task of `connect`."""
-        await self._session_guard(self._do_connect(address, ssl),
-                                  "Failed to establish connection")
+        await self._session_guard(
+            self._connect_retrying(address, ssl, retry_until),
+            "Failed to establish connection")
         await self._session_guard(self._establish_session(),
                                   "Failed to establish session")
 
@@ -568,6 +600,31 @@ class AsyncProtocol(Generic[T]):
             # the caller needs the first error, not this one.
             self.logger.debug("Ignoring error from cleanup: %s",
                               exception_summary(err))
+
+    async def _connect_retrying(self, address: SocketAddr | socket.socket,
+                                ssl: SSLContext | None,
+                                retry_until: float | None) -> None:
+        """
+        Runs in the loop thread: `_do_connect`, retried until
+        `retry_until` seconds have passed while it fails in a way that
+        means "not there yet" (see `connect`).
+        """
+        if retry_until is None or isinstance(address, socket.socket):
+            await self._do_connect(address, ssl)
+            return
+        deadline = time.monotonic() + retry_until
+        pause = 0.01
+        while True:
+            try:
+                await self._do_connect(address, ssl)
+                return
+            except _NOT_THERE_YET as err:
+                if deadline - time.monotonic() < pause:
+                    raise
+                self.logger.debug("Not there yet (%s); retrying.",
+                                  exception_summary(err))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_PAUSE)
 
     async def _do_connect(self, address: SocketAddr | socket.socket,
                           ssl: SSLContext | None) -> None:
@@ -624,9 +681,9 @@ class AsyncProtocol(Generic[T]):
             return
         self.logger.debug("Incoming connection from %s",
                           writer.get_extra_info("peername") or "a peer")
-        self._stop_server()
         self._reader, self._writer = reader, writer
         accepted.set_result(None)
+        self._stop_server()
 
     async def _do_accept(self) -> None:
         """Runs in the loop thread: wait until `_incoming` has a peer."""
@@ -644,6 +701,10 @@ class AsyncProtocol(Generic[T]):
         # already closes the listening socket.
         self._server.close()
         self._server = None
+        accepted = self._accepted
+        if accepted is not None and not accepted.done():
+            # Wakes wait_for_peer() and accept(): nobody will come now.
+            accepted.cancel()
         if self._server_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._server_path)
@@ -660,7 +721,8 @@ class AsyncProtocol(Generic[T]):
         with the tasks running.
         """
         assert self._runstate is Runstate.CONNECTING
-        self._outgoing = asyncio.Queue()
+        self._outgoing.clear()
+        self._outgoing_ready = None
         loop = asyncio.get_running_loop()
         self._session_loop = loop
         self._reader_task = loop.create_task(
@@ -737,7 +799,8 @@ class AsyncProtocol(Generic[T]):
         self._writer_task = None
         self._reader = None
         self._writer = None
-        self._outgoing = None
+        self._outgoing.clear()
+        self._outgoing_ready = None
         self._accepted = None
 
     async def _bh_disconnect(self) -> None:
@@ -755,8 +818,11 @@ class AsyncProtocol(Generic[T]):
         writer = self._writer
         if writer is None:
             return
-        if self._session_error is not None:
-            # A broken stream has nothing worth flushing.
+        if (self._session_error is not None
+                or writer.transport.get_write_buffer_size()):
+            # A broken stream has nothing worth flushing, and unwritten
+            # data is dropped (see disconnect()): waiting for a peer that
+            # does not read would only delay the close.
             writer.transport.abort()
         else:
             writer.close()
@@ -800,9 +866,11 @@ class AsyncProtocol(Generic[T]):
 
     async def _bh_send_message(self) -> None:
         """Runs in the writer task: write the next queued message."""
-        assert self._outgoing is not None
-        msg = await self._outgoing.get()
-        await self._send(msg)
+        while not self._outgoing:
+            ready = asyncio.get_running_loop().create_future()
+            self._outgoing_ready = ready
+            await ready
+        await self._send(self._outgoing.popleft())
 
     # ------------------------------------------------------------------
     # Message I/O and the hooks for subclasses; all run in the loop thread.
@@ -817,16 +885,35 @@ class AsyncProtocol(Generic[T]):
         it once the buffer drains. A failure to write ends the session,
         exactly as in the writer task.
         """
-        assert self._outgoing is not None and self._writer is not None
-        if (self._outgoing.empty()
+        assert self._writer is not None
+        if (not self._outgoing
                 and not self._writer.transport.get_write_buffer_size()):
             try:
                 self._do_send(self._cb_outbound(msg))
             except Exception as err:
                 self.logger.info("Writing failed: %s", exception_summary(err))
                 self._schedule_disconnect(err)
-        else:
-            self._outgoing.put_nowait(msg)
+            return
+        self._outgoing.append(msg)
+        ready = self._outgoing_ready
+        if ready is not None:
+            self._outgoing_ready = None
+            if not ready.done():
+                ready.set_result(None)
+
+    def _withdraw(self, msg: T) -> bool:
+        """
+        Runs in the loop thread: take `msg` (the very object given to
+        `_enqueue`) back out of the queue if it has not been written
+        yet; True when it was withdrawn, False when it is written (or
+        being written) already.
+        """
+        outgoing = self._outgoing
+        for index, queued in enumerate(outgoing):
+            if queued is msg:
+                del outgoing[index]
+                return True
+        return False
 
     async def _readline(self) -> bytes:
         """

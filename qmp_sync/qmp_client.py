@@ -8,35 +8,47 @@ and every event to the registered listeners. When the connection ends,
 every command still in flight ends at once with `ExecInterruptedError`,
 whose ``__cause__`` is what ended it.
 
-Threads: everything here runs in the loop thread.
+Threads: the client runs in the loop thread, with three exceptions
+that any thread may use, and that make up the interface of the blocking
+facade (``qmp_sync.sync``) besides the public coroutines: building a
+`Command` (`QMPClient.command`, `QMPClient.command_from`), turning a
+reply into a value (`reply_value`, `reply_message`), and reading
+``runstate``/``greeting``. `QMPClient.submit` is the loop thread's end
+of a command whose caller waits elsewhere.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import itertools
 import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from functools import partial
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .error import ProtocolError, QMPError
 from .events import Events
-from .message import Message
+from .message import Message, decode, encode
 from .protocol import (
     DEFAULT_READBUFLEN,
     AsyncProtocol,
     Runstate,
+    SocketAddr,
     peer_hung_up,
     raise_state_error,
     require,
 )
 
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
 __all__ = (
     "BadReplyError",
+    "Command",
     "ExecInterruptedError",
     "ExecuteError",
     "GreetingError",
@@ -44,6 +56,8 @@ __all__ = (
     "QMPClient",
     "ReplySink",
     "ServerParseError",
+    "reply_message",
+    "reply_value",
 )
 
 # Ids the client assigns; a caller's own ids must not look like them.
@@ -157,31 +171,76 @@ class ExecInterruptedError(QMPError):
     """
 
 
-class _SentCommand(Message):
+class Command(Message):
     """
-    A command as the client sends it: serialised once, when created, so
-    that a value that is not JSON fails in the caller, before anything
-    is sent, and the writer sends these very bytes. The client owns it
-    and never changes it afterwards.
+    A command checked and serialised once, ready to send: made by
+    `QMPClient.command` or `QMPClient.command_from` in any thread, so
+    that every caller error (a bad name, arguments that are not JSON, a
+    key that is not a string, nesting too deep) is raised there, before
+    anything is sent; the client writes these very bytes. Nobody changes
+    it afterwards.
     """
 
-    def __init__(self, msg: Message) -> None:
-        self.data = msg.data
-        self.wire = Message.__bytes__(self)
+    #: The command's name.
+    name: str
+    #: True for an ``exec-oob`` command.
+    oob: bool
+    #: The wire form, line terminator included.
+    wire: bytes
+    #: The key of its id among the commands in flight.
+    key: object
+    #: True when the id is the caller's own (it stays in the reply).
+    own_id: bool
 
     def __bytes__(self) -> bytes:
-        return self.wire
+        return self.wire[:-1]
 
 
 #: A command as sent (with its id) and the server's reply to it.
-Exchange = tuple[Message, Message]
+Exchange = tuple[Command, Message]
+
+
+def reply_value(sent: Command, reply: Message) -> object:
+    """
+    Any thread: the ``return`` value of `reply` to `sent`.
+
+    :raise ExecuteError: For an error reply.
+    :raise BadReplyError: For a malformed reply.
+    """
+    if "return" in reply and "error" not in reply:
+        return reply["return"]
+    if "error" in reply and "return" not in reply:
+        _check_error(reply, sent)
+        raise ExecuteError(sent, reply)
+    raise BadReplyError("reply has neither or both of 'return' and "
+                        "'error'", reply, sent)
+
+
+def reply_message(sent: Command, reply: Message) -> Message:
+    """
+    Any thread: `reply` as the caller of `execute_reply` sees it, that
+    is without the id the client gave `sent` (an id of the caller's own
+    stays).
+    """
+    if sent.own_id:
+        return reply
+    return Message.adopt({k: v for k, v in reply.items() if k != "id"})
+
+
+def _check_error(reply: Message, sent: Message) -> None:
+    """Raise `BadReplyError` unless ``reply['error']`` is well-formed."""
+    error = reply["error"]
+    if not (isinstance(error, dict)
+            and isinstance(error.get("class"), str)
+            and isinstance(error.get("desc"), str)):
+        raise BadReplyError("malformed error object in reply", reply, sent)
 
 
 class ReplySink(Protocol):
     """
-    Where `QMPClient._submit` delivers the outcome of one command: an
-    `asyncio.Future` in the loop, or ``qmp_sync._loop.Reply`` for a
-    caller in another thread. Both methods are called in the loop
+    Where `QMPClient.submit` delivers the outcome of one command: an
+    `asyncio.Future` in the loop, or the blocking facade's hand-off to
+    a caller in another thread. Both methods are called in the loop
     thread, at most once in all, and must not block.
     """
 
@@ -190,6 +249,16 @@ class ReplySink(Protocol):
 
     def set_exception(self, exception: BaseException, /) -> None:
         """The command ended without a reply (`ExecInterruptedError`)."""
+
+
+def _check_command(name: object, arguments: object) -> None:
+    """Any thread: raise `TypeError` unless `name` is a command name and
+    `arguments` None or a mapping."""
+    if not isinstance(name, str):
+        raise TypeError(f"command name must be a str, not {name!r}")
+    if arguments is not None and not isinstance(arguments, Mapping):
+        raise TypeError(f"arguments of {name!r} must be a mapping, not "
+                        f"{type(arguments).__name__}")
 
 
 def _id_key(value: object) -> object:
@@ -227,9 +296,15 @@ class QMPClient(AsyncProtocol[Message], Events):
         Events.__init__(self)
         self._greeting: Message | None = None
         self._oob_enabled = False
-        self._next_id = 0
+        # Whether the session being opened reads a greeting and
+        # negotiates: set by the call that opens it, in the loop thread.
+        self._expect_greeting = True
+        self._expect_negotiation = True
+        # Private ids; next() on a count is atomic, so any thread may
+        # build commands.
+        self._ids = itertools.count(1)
         # In flight: id key -> (where its reply goes, the command sent).
-        self._pending: dict[object, tuple[ReplySink, Message]] = {}
+        self._pending: dict[object, tuple[ReplySink, Command]] = {}
         # Ids whose callers gave up; their late replies are dropped quietly.
         self._abandoned: set[object] = set()
 
@@ -251,7 +326,7 @@ class QMPClient(AsyncProtocol[Message], Events):
                          arguments: Mapping[str, object] | None = None,
                          *, oob: bool = False) -> Message:
         """
-        Build a command message.
+        Build a command message (any thread).
 
         :param cmd: The command name.
         :param arguments: Its arguments, if any.
@@ -259,15 +334,77 @@ class QMPClient(AsyncProtocol[Message], Events):
         :raise TypeError: When `cmd` is not a string or `arguments` not a
             mapping.
         """
-        if not isinstance(cmd, str):
-            raise TypeError(f"command name must be a str, not {cmd!r}")
+        _check_command(cmd, arguments)
         msg = Message({"exec-oob" if oob else "execute": cmd})
         if arguments is not None:
-            if not isinstance(arguments, Mapping):
-                raise TypeError("arguments must be a mapping, not "
-                                f"{type(arguments).__name__}")
             msg["arguments"] = arguments
         return msg
+
+    def command(self, cmd: str,
+                arguments: Mapping[str, object] | None = None,
+                *, oob: bool = False) -> Command:
+        """
+        Any thread: build, check and serialise a command with a private
+        id, ready for `submit`.
+
+        :raise TypeError: For a name that is not a string, arguments that
+            are not a mapping or not JSON-serialisable, or a key that is
+            not a string at any depth.
+        :raise ValueError: For NaN, infinity, circular references or
+            nesting too deep to encode.
+        """
+        _check_command(cmd, arguments)
+        data: dict[str, object] = {"exec-oob" if oob else "execute": cmd}
+        if arguments is not None:
+            data["arguments"] = arguments
+        return self._finish_command(data, cmd, oob, None)
+
+    def command_from(self, msg: Mapping[str, object]) -> Command:
+        """
+        Any thread: check and serialise a caller-built command message
+        (``execute`` or ``exec-oob``, ``arguments``, and an ``id`` of the
+        caller's own if any, else a private one), ready for `submit`.
+        `msg` itself is not modified.
+
+        :raise: As `command`; also `ValueError` for a message that is not
+            a command, or an id in the client's reserved form.
+        """
+        if not isinstance(msg, Mapping):
+            raise TypeError("a command message is a mapping, not "
+                            f"{type(msg).__name__}")
+        has_exec, has_oob = "execute" in msg, "exec-oob" in msg
+        if has_exec == has_oob:
+            raise ValueError("a command message needs exactly one of "
+                             "'execute' and 'exec-oob'")
+        name = msg["execute" if has_exec else "exec-oob"]
+        _check_command(name, msg.get("arguments"))
+        assert isinstance(name, str)
+        data = dict(msg)
+        own_id = None
+        if "id" in data:
+            own_id = _id_key(data["id"])
+            if isinstance(own_id, str) and own_id.startswith(_ID_PREFIX):
+                raise ValueError(f"ids starting with {_ID_PREFIX!r} are "
+                                 "reserved for the client")
+        return self._finish_command(data, name, has_oob, own_id)
+
+    def _finish_command(self, data: dict[str, object], name: str,
+                        oob: bool, own_id: object | None) -> Command:
+        """Any thread: give `data` its id unless it has one (`own_id`),
+        serialise it, and make it a `Command`."""
+        if own_id is None:
+            key: object = f"{_ID_PREFIX}{next(self._ids)}"
+            data["id"] = key
+        else:
+            key = own_id
+        command = Command.__new__(Command)
+        command.data = data
+        command.wire = encode(data) + b"\n"
+        command.name = name
+        command.oob = oob
+        command.key = key
+        command.own_id = own_id is not None
+        return command
 
     async def execute(self, cmd: str,
                       arguments: Mapping[str, object] | None = None,
@@ -285,11 +422,12 @@ class QMPClient(AsyncProtocol[Message], Events):
         :raise TypeError: For arguments that are not JSON-serialisable
             or of the wrong type; nothing is sent.
         :raise ValueError: For an 'oob' command on a session without
-            out-of-band execution; nothing is sent.
+            out-of-band execution, or arguments nested too deeply;
+            nothing is sent.
         :raise BadReplyError: When the reply is malformed.
         """
-        return await self.execute_msg(
-            self.make_execute_msg(cmd, arguments, oob=oob))
+        return reply_value(
+            *await self._exchange(self.command(cmd, arguments, oob=oob)))
 
     async def execute_msg(self, msg: Mapping[str, object]) -> object:
         """
@@ -303,7 +441,7 @@ class QMPClient(AsyncProtocol[Message], Events):
         :raise: As `execute`; also `ValueError` for a message that is not
             a command or an id already in flight.
         """
-        return self._reply_value(*await self._exchange(msg))
+        return reply_value(*await self._exchange(self.command_from(msg)))
 
     async def execute_reply(self, msg: Mapping[str, object]) -> Message:
         """
@@ -315,55 +453,23 @@ class QMPClient(AsyncProtocol[Message], Events):
 
         :raise: As `execute_msg`, except `ExecuteError`.
         """
-        return self._reply_message(*await self._exchange(msg))
-
-    # ------------------------------------------------------------------
-    # Reading replies; pure functions of the messages, safe in any thread.
-
-    @classmethod
-    def _reply_value(cls, sent: Message, reply: Message) -> object:
-        """
-        Any thread: the ``return`` value of `reply` to `sent`.
-
-        :raise ExecuteError: For an error reply.
-        :raise BadReplyError: For a malformed reply.
-        """
-        if "return" in reply and "error" not in reply:
-            return reply["return"]
-        if "error" in reply and "return" not in reply:
-            cls._check_error(reply, sent)
-            raise ExecuteError(sent, reply)
-        raise BadReplyError("reply has neither or both of 'return' and "
-                            "'error'", reply, sent)
-
-    @staticmethod
-    def _reply_message(sent: Message, reply: Message) -> Message:
-        """
-        Any thread: `reply` as the caller of `execute_reply` sees it, that
-        is without the id the client gave `sent` (an id of the caller's
-        own stays).
-        """
-        key = sent.get("id")
-        if isinstance(key, str) and key.startswith(_ID_PREFIX):
-            return Message._wrap(
-                {k: v for k, v in reply.items() if k != "id"})
-        return reply
+        return reply_message(*await self._exchange(self.command_from(msg)))
 
     # ------------------------------------------------------------------
     # Sending commands; all run in the loop thread.
 
-    async def _exchange(self, msg: Mapping[str, object]) -> Exchange:
+    async def _exchange(self, command: Command) -> Exchange:
         """
         Runs in the loop thread: send a command, await its reply; return
-        both (the sent message with its id, and the reply).
+        both (the command as sent, and the reply).
         """
         future: asyncio.Future[Exchange] = (
             asyncio.get_running_loop().create_future())
-        abandon = self._submit(msg, future)
+        withdraw = self.submit(command, future)
         try:
             return await future
         except asyncio.CancelledError:
-            abandon()
+            withdraw()
             if not future.done():
                 future.cancel()
             elif not future.cancelled():
@@ -372,83 +478,49 @@ class QMPClient(AsyncProtocol[Message], Events):
                 future.exception()
             raise
 
-    def _submit(self, msg: Mapping[str, object],
-                sink: ReplySink) -> Callable[[], None]:
+    def submit(self, command: Command,
+               sink: ReplySink) -> Callable[[], None]:
         """
-        Runs in the loop thread: check and send a command without
-        waiting for its reply.
+        Runs in the loop thread: send `command` (from `command` or
+        `command_from`) without waiting for its reply.
 
-        `sink` gets the command as sent and its reply (whatever it
-        says), or `ExecInterruptedError` when the session ends first.
-        Returns the function to call if the caller stops waiting
-        (cancelled, timed out): it forgets the command, whose late reply
-        will then be dropped quietly, and leaves `sink` alone.
+        `sink` gets the command and its reply (whatever it says), or
+        `ExecInterruptedError` when the session ends first. Returns the
+        function to call when the caller stops waiting (cancelled, timed
+        out, interrupted): a command not yet written is withdrawn and
+        never sent; one already written is forgotten, and its late reply
+        dropped quietly. Either way `sink` is left alone.
 
-        :raise: As `execute_msg`, before anything is sent.
+        :raise StateError: When the client is not RUNNING.
+        :raise ValueError: For an 'oob' command on a session without
+            out-of-band execution, or an id already in flight.
+        :raise QMPError: When called from another thread than the loop's.
         """
         # The runstate check is inline, not @require: this is the hot path.
-        if self._runstate is not Runstate.RUNNING:
-            raise_state_error(self, Runstate.RUNNING)
+        state = self._runstate
+        if state is not Runstate.RUNNING:
+            raise_state_error(self, Runstate.RUNNING, state)
         self._check_loop_thread("execute()")
-        sent, key = self._prepare(msg)
-        self._pending[key] = (sink, sent)
-        self._enqueue(sent)
-        return partial(self._abandon, key, sink)
-
-    def _abandon(self, key: object, sink: ReplySink) -> None:
-        """Runs in the loop thread: see `_submit`."""
-        entry = self._pending.get(key)
-        if entry is not None and entry[0] is sink:
-            del self._pending[key]
-            self._abandoned.add(key)
-
-    def _prepare(self, msg: Mapping[str, object]) -> tuple[Message, object]:
-        """
-        Runs in the loop thread: check a command message, give it an id
-        and serialise it once, so that every caller error is raised here
-        before anything is sent. Returns (message to send, id key).
-        """
-        if not isinstance(msg, Mapping):
-            raise TypeError("a command message is a mapping, not "
-                            f"{type(msg).__name__}")
-        has_exec, has_oob = "execute" in msg, "exec-oob" in msg
-        if has_exec == has_oob:
-            raise ValueError("a command message needs exactly one of "
-                             "'execute' and 'exec-oob'")
-        name = msg["execute" if has_exec else "exec-oob"]
-        if not isinstance(name, str):
-            raise TypeError(f"command name must be a str, not {name!r}")
-        if has_oob and not self._oob_enabled:
+        if command.oob and not self._oob_enabled:
             raise ValueError(
-                f"cannot run {name!r} out of band: this session did not "
-                "negotiate the 'oob' capability")
-        arguments = msg.get("arguments")
-        if arguments is not None and not isinstance(arguments, Mapping):
-            raise TypeError(f"arguments of {name!r} must be a mapping, not "
-                            f"{type(arguments).__name__}")
-        sent = Message(msg)
-        if "id" in msg:
-            key = _id_key(msg["id"])
-            if isinstance(key, str) and key.startswith(_ID_PREFIX):
-                raise ValueError(f"ids starting with {_ID_PREFIX!r} are "
-                                 "reserved for the client")
-            if key in self._pending:
-                raise ValueError(f"id {msg['id']!r} is already in flight")
-        else:
-            self._next_id += 1
-            key = f"{_ID_PREFIX}{self._next_id}"
-            sent["id"] = key
-        return _SentCommand(sent), key
+                f"cannot run {command.name!r} out of band: this session "
+                "did not negotiate the 'oob' capability")
+        key = command.key
+        if key in self._pending:
+            raise ValueError(f"id {command['id']!r} is already in flight")
+        self._pending[key] = (sink, command)
+        self._enqueue(command)
+        return partial(self._give_up, command, sink)
 
-    @staticmethod
-    def _check_error(reply: Message, sent: Message) -> None:
-        """Raise `BadReplyError` unless ``reply['error']`` is well-formed."""
-        error = reply["error"]
-        if not (isinstance(error, dict)
-                and isinstance(error.get("class"), str)
-                and isinstance(error.get("desc"), str)):
-            raise BadReplyError("malformed error object in reply", reply,
-                                sent)
+    def _give_up(self, command: Command, sink: ReplySink) -> None:
+        """Runs in the loop thread: see `submit`."""
+        key = command.key
+        entry = self._pending.get(key)
+        if entry is None or entry[0] is not sink:
+            return  # answered, or the session ended, meanwhile
+        del self._pending[key]
+        if not self._withdraw(command):
+            self._abandoned.add(key)
 
     @require(Runstate.RUNNING)
     def send_fd_scm(self, fd: int) -> None:
@@ -489,17 +561,56 @@ class QMPClient(AsyncProtocol[Message], Events):
             dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                   fds.tobytes())])
 
-    async def _open_session(self, negotiate: bool,
-                            opening: Callable[..., Awaitable[None]],
-                            *args: object) -> None:
+    # ------------------------------------------------------------------
+    # Opening a session: as the base class, with negotiation per call.
+
+    @require(Runstate.IDLE)
+    async def connect(self, address: SocketAddr | socket.socket,
+                      ssl: SSLContext | None = None, *,
+                      retry_until: float | None = None,
+                      negotiate: bool | None = None) -> None:
         """
-        Runs in the loop thread: await ``opening(*args)`` (this client's
-        `connect`, `accept` or `open_with_socket`) with negotiation on or
-        off for this session. Off also skips the greeting: qemu-ga sends
-        none. The caller makes sure no other opening runs meanwhile.
+        Connect to a server, read its greeting, negotiate capabilities.
+
+        :param negotiate: False to skip the greeting and negotiation for
+            this session (qemu-ga has neither), True to do both; None
+            follows `await_greeting` and `negotiate`.
+        :raise: As `AsyncProtocol.connect`.
         """
-        self.await_greeting = self.negotiate = negotiate
-        await opening(*args)
+        self._set_handshake(negotiate)
+        await super().connect(address, ssl, retry_until=retry_until)
+
+    @require(Runstate.IDLE)
+    async def open_with_socket(self, sock: socket.socket, *,
+                               negotiate: bool | None = None) -> None:
+        """
+        Start the session on an already-connected socket, as `connect`.
+
+        :raise: As `AsyncProtocol.open_with_socket`.
+        """
+        self._set_handshake(negotiate)
+        await super().open_with_socket(sock)
+
+    @require(Runstate.CONNECTING)
+    async def accept(self, *, negotiate: bool | None = None) -> None:
+        """
+        Take the peer's connection to the socket `start_server` opened,
+        then greeting and negotiation as in `connect`.
+
+        :raise: As `AsyncProtocol.accept`.
+        """
+        self._set_handshake(negotiate)
+        await super().accept()
+
+    def _set_handshake(self, negotiate: bool | None) -> None:
+        """Runs in the loop thread, in the opening call's first step
+        (atomically with its runstate check): fix this session's
+        handshake."""
+        if negotiate is None:
+            self._expect_negotiation = self.negotiate
+            self._expect_greeting = self.await_greeting or self.negotiate
+        else:
+            self._expect_greeting = self._expect_negotiation = negotiate
 
     # ------------------------------------------------------------------
     # Session and message hooks; all run in the loop thread.
@@ -511,9 +622,9 @@ class QMPClient(AsyncProtocol[Message], Events):
         self._oob_enabled = False
         self._pending = {}
         self._abandoned = set()
-        if self.await_greeting or self.negotiate:
+        if self._expect_greeting:
             self._greeting = await self._get_greeting()
-        if self.negotiate:
+        if self._expect_negotiation:
             await self._negotiate()
         await super()._establish_session()
 
@@ -550,9 +661,10 @@ class QMPClient(AsyncProtocol[Message], Events):
             assert isinstance(qmp, dict)
             offered = qmp["capabilities"]
         enable = ["oob"] if "oob" in offered else []
-        msg = self.make_execute_msg(
-            "qmp_capabilities", {"enable": enable} if enable else None)
-        msg["id"] = _NEGOTIATION_ID
+        msg = Message({"execute": "qmp_capabilities",
+                       "id": _NEGOTIATION_ID})
+        if enable:
+            msg["arguments"] = {"enable": enable}
         await self._send(msg)
         try:
             reply = await self._recv()
@@ -581,7 +693,7 @@ class QMPClient(AsyncProtocol[Message], Events):
                 "the server closed the connection in the middle of a "
                 f"message ({len(line)} bytes received)", line)
         try:
-            obj = json.loads(line)
+            obj = decode(line)
         except ValueError as err:
             raise ServerParseError(
                 f"malformed JSON from the server ({err}): {_preview(line)}",
@@ -590,12 +702,15 @@ class QMPClient(AsyncProtocol[Message], Events):
             raise ServerParseError(
                 f"the server sent a JSON {type(obj).__name__}, not an "
                 f"object: {_preview(line)}", line)
-        return Message._wrap(obj)
+        return Message.adopt(obj)
 
     def _do_send(self, msg: Message) -> None:
         """Runs in the loop thread: write one message and its newline."""
         assert self._writer is not None
-        self._writer.write(bytes(msg) + b"\n")
+        if isinstance(msg, Command):
+            self._writer.write(msg.wire)
+        else:
+            self._writer.write(bytes(msg) + b"\n")
 
     async def _on_message(self, msg: Message) -> None:
         """Runs in the reader task: route a reply to its caller, an event
@@ -605,7 +720,7 @@ class QMPClient(AsyncProtocol[Message], Events):
             return
         if "id" not in msg:
             if ("QMP" in msg and self._greeting is None
-                    and not (self.await_greeting or self.negotiate)):
+                    and not self._expect_greeting):
                 # A greeting nobody waited for (negotiate=False, to a
                 # server that greets after all): keep it, it is no fault.
                 self._greeting = msg

@@ -7,7 +7,11 @@ only the thread that calls them. Events are queued as they arrive,
 whether or not anybody waits for them.
 
 Threads: everything here runs in caller threads and never touches
-asyncio objects; ``qmp_sync._loop`` carries every call across.
+asyncio objects, except `QMPSyncClient._opening`, a coroutine that runs
+in the loop thread and only awaits the async client;
+``qmp_sync._loop`` carries every call across. The async client is
+reached through its public interface only: its coroutines, `submit`,
+`command`/`command_from`, and the reply functions.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from ._loop import BlockingListener, Bridge
+from ._event_queue import BlockingListener
+from ._loop import Bridge
+from .error import QMPError
 from .events import EventFilter
 from .message import Message
 from .protocol import (
@@ -33,7 +39,14 @@ from .protocol import (
     Runstate,
     SocketAddr,
 )
-from .qmp_client import Exchange, QMPClient
+from .qmp_client import (
+    Command,
+    Exchange,
+    QMPClient,
+    reply_message,
+    reply_value,
+)
+from .util import timeout_seconds
 
 if TYPE_CHECKING:
     from ssl import SSLContext
@@ -41,13 +54,6 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = ("BlockingListener", "QMPSyncClient", "event_match")
-
-#: Connection failures that `connect(retry_until=...)` retries: nobody
-#: listens yet, the socket file does not exist yet, or its listen
-#: backlog is full.
-_RETRIED = (ConnectionRefusedError, FileNotFoundError, BlockingIOError)
-#: Longest pause between two connection attempts, in seconds.
-_RETRY_PAUSE = 0.1
 
 
 def event_match(value: object, match: object) -> bool:
@@ -67,18 +73,6 @@ def event_match(value: object, match: object) -> bool:
     return value == match
 
 
-def _seconds(value: object, name: str) -> float | None:
-    """Check a timeout argument: None or a number of seconds >= 0."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not "
-                        f"{value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must not be negative, not {value!r}")
-    return float(value)
-
-
 def _wait_seconds(wait: object) -> float | None:
     """Check a `pull_event` style wait: True is None (forever), a number
     is seconds (0 and False mean no wait: 0.0)."""
@@ -86,11 +80,10 @@ def _wait_seconds(wait: object) -> float | None:
         return None
     if wait is False:
         return 0.0
-    seconds = _seconds(wait, "wait")
-    if seconds is None:
+    if wait is None:
         raise TypeError("wait must be True, False or a number of seconds, "
                         "not None")
-    return seconds
+    return timeout_seconds(wait, "wait")
 
 
 def _remaining(start: float, timeout: float | None) -> float | None:
@@ -123,6 +116,21 @@ class QMPSyncClient:
     `QMPError` instead of deadlocking. Every error raised is a
     `QMPError` or a built-in exception.
 
+    Rules between threads: `close()` wins. A `connect`, `accept` or
+    `open_with_socket` running in another thread when `close()` is
+    called ends with `ConnectError` (or, if it had just succeeded, its
+    session is closed); commands in flight end with
+    `ExecInterruptedError`; event waits with `StateError` unless a
+    matching event is queued. A command whose caller got
+    `TimeoutError` or `KeyboardInterrupt` before it was written to the
+    socket is withdrawn and never sent; once written, its late reply is
+    dropped. So the commands queued for sending are only ever those of
+    callers still waiting, each within its own timeout.
+
+    Timeouts everywhere: seconds as an int or float; None, infinity and
+    anything beyond `threading.TIMEOUT_MAX` mean no limit; NaN or a
+    negative number is a `ValueError`, raised before anything is sent.
+
     :param address: The default address of `connect`: a unix socket
         path, a ``(host, port)`` tuple or a connected `socket.socket`.
     :param name: A nickname for logs and ``repr``.
@@ -134,25 +142,33 @@ class QMPSyncClient:
         thread, started on first use.
     :param readbuflen: The longest message accepted from the server, in
         bytes.
+    :param max_queued_events: At most this many events stay queued for
+        `pull_event` and friends: past it the oldest are dropped,
+        counted in `dropped_events` and logged (a warning per overflow).
+        None (the default) keeps every event: nothing is ever lost, and
+        a queued event costs some 1.3 KB for the first 10,000 and about
+        twice its size on the wire after that.
+    :raise ValueError: When `max_queued_events` is not a positive int.
     """
 
     def __init__(self, address: SocketAddr | socket.socket | None = None,
                  *, name: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 readbuflen: int = DEFAULT_READBUFLEN) -> None:
+                 readbuflen: int = DEFAULT_READBUFLEN,
+                 max_queued_events: int | None = None) -> None:
         self._address = address
         core = QMPClient(name, readbuflen)
+        self._events = BlockingListener(core, max_queued=max_queued_events)
         # Events go to our thread-safe queue instead; the async client's
         # default queue would only grow.
         core.remove_listener(core.events)
-        self._events = BlockingListener(core)
         core.register_listener(self._events)
         self._core = core
         self._bridge = Bridge(loop)
         self._bridge.adopt(core)
-        # One connect/accept at a time, so that each one's negotiation
-        # setting is its own.
-        self._opening = threading.Lock()
+        # Counts close() calls, so that an opening call can tell that
+        # one came after it started (see _opening).
+        self._closes = 0
         # The safety net for a client dropped without close(); it holds
         # no reference to `self`.
         finalizer = weakref.finalize(self, _release, self._bridge, core)
@@ -188,8 +204,31 @@ class QMPSyncClient:
         when there was none (not connected yet, or ``negotiate=False``)."""
         return self._core.greeting
 
+    @property
+    def dropped_events(self) -> int:
+        """How many events were dropped because the queue held
+        `max_queued_events` already (0 without a cap)."""
+        return self._events.dropped
+
     # ------------------------------------------------------------------
     # Opening and closing the session.
+
+    async def _opening(self, closes: int, phase: str,
+                       opening: Callable[[], Awaitable[None]]) -> None:
+        """
+        Runs in the loop thread: ``await opening()``, unless `close()`
+        was called since the caller read `closes` (the count of close
+        calls) as it began.
+
+        Checked here, in the loop thread, because close() schedules its
+        disconnect there after counting: a close that came before this
+        step is seen here, and one that comes after it finds the opening
+        under way and aborts it.
+        """
+        if self._closes != closes:
+            raise ConnectError(phase, QMPError(
+                "close() was called while connecting"))
+        await opening()
 
     def connect(self, address: SocketAddr | socket.socket | None = None, *,
                 ssl: SSLContext | None = None, negotiate: bool = True,
@@ -209,43 +248,36 @@ class QMPSyncClient:
             included.
         :param retry_until: Seconds during which a refused connection
             or a missing socket file is retried (QEMU still starting).
+            `close()` from another thread ends the retrying.
         :raise ConnectError: When connecting fails (after retrying, if
-            asked to); ``.exc`` is the root cause. The client is IDLE.
+            asked to), or `close()` was called meanwhile; ``.exc`` is the
+            root cause. The client is IDLE.
         :raise TimeoutError: When `timeout` passes first; the client is
             IDLE.
         :raise StateError: When the client is not IDLE.
-        :raise ValueError: When there is no address at all.
+        :raise ValueError: When there is no address at all, or a timeout
+            is NaN or negative.
         """
+        closes = self._closes
         if address is None:
             address = self._address
         if address is None:
             raise ValueError("connect() needs an address; none was given "
                              "here or to the constructor")
-        timeout = _seconds(timeout, "timeout")
-        retry = _seconds(retry_until, "retry_until")
-        start = time.monotonic()
-        pause = 0.01
-        with self._opening:
-            while True:
-                try:
-                    self._bridge.run(
-                        "connect()", self._core._open_session, negotiate,
-                        self._core.connect, address, ssl,
-                        timeout=_remaining(start, timeout))
-                    return
-                except ConnectError as err:
-                    if (retry is None or isinstance(address, socket.socket)
-                            or not isinstance(err.exc, _RETRIED)):
-                        raise
-                    # Give up when the next attempt would come after
-                    # either deadline.
-                    left = _remaining(start, timeout)
-                    if (start + retry - time.monotonic() < pause
-                            or (left is not None and left < pause)):
-                        raise
-                # A caller thread: sleeping here blocks nobody else.
-                time.sleep(pause)
-                pause = min(pause * 2, _RETRY_PAUSE)
+        try:
+            seconds = timeout_seconds(timeout)
+            retry = timeout_seconds(retry_until, "retry_until")
+            self._bridge.block_on_coroutine(
+                "connect()", self._opening, closes,
+                "Failed to establish connection",
+                partial(self._core.connect, address, ssl,
+                        retry_until=retry, negotiate=negotiate),
+                timeout=seconds)
+        except BaseException:
+            if isinstance(address, socket.socket):
+                # Ours even when the attempt never got to use it.
+                address.close()
+            raise
 
     def open_with_socket(self, sock: socket.socket, *,
                          negotiate: bool = True,
@@ -256,11 +288,21 @@ class QMPSyncClient:
 
         :raise: As `connect`; `TypeError` when `sock` is not a socket.
         """
-        timeout = _seconds(timeout, "timeout")
-        with self._opening:
-            self._bridge.run(
-                "open_with_socket()", self._core._open_session, negotiate,
-                self._core.open_with_socket, sock, timeout=timeout)
+        closes = self._closes
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"expected a socket.socket, not {sock!r}")
+        try:
+            seconds = timeout_seconds(timeout)
+            self._bridge.block_on_coroutine(
+                "open_with_socket()", self._opening, closes,
+                "Failed to establish connection",
+                partial(self._core.open_with_socket, sock,
+                        negotiate=negotiate),
+                timeout=seconds)
+        except BaseException:
+            # Ours even when the attempt never got to use it.
+            sock.close()
+            raise
 
     def start_server(self, address: SocketAddr, *,
                      ssl: SSLContext | None = None) -> None:
@@ -275,8 +317,8 @@ class QMPSyncClient:
         :raise ConnectError: When the socket cannot listen.
         :raise StateError: When the client is not IDLE.
         """
-        self._bridge.run("start_server()", self._core.start_server,
-                         address, ssl)
+        self._bridge.block_on_coroutine(
+            "start_server()", self._core.start_server, address, ssl)
 
     def accept(self, *, timeout: float | None = 15.0,
                negotiate: bool = True) -> None:
@@ -285,46 +327,56 @@ class QMPSyncClient:
         opened, then start the session.
 
         :param timeout: Seconds the whole call may take. When nobody
-            connects in time, the socket keeps listening and `accept`
-            may be called again.
+            connects in time, the socket keeps listening (runstate
+            CONNECTING) and `accept` may be called again; when the peer
+            connected but the session could not be set up in time, the
+            client is IDLE.
         :param negotiate: False to skip the greeting and negotiation.
         :raise TimeoutError: When `timeout` passes first.
-        :raise ConnectError: When the session cannot be established;
-            the client is IDLE.
+        :raise ConnectError: When the session cannot be established, or
+            `close()` was called meanwhile (from another thread); the
+            client is IDLE.
         :raise StateError: When `start_server` was not called.
+        :raise ValueError: When `timeout` is NaN or negative.
         """
-        timeout = _seconds(timeout, "timeout")
+        closes = self._closes
+        seconds = timeout_seconds(timeout)
         start = time.monotonic()
-        with self._opening:
-            try:
-                self._bridge.run("accept()", self._core._wait_incoming,
-                                 timeout=timeout)
-            except TimeoutError:
-                raise TimeoutError(
-                    f"accept(): nobody connected within {timeout:g} s; "
-                    "still listening (call accept() again, or "
-                    "disconnect() to stop)") from None
-            self._bridge.run("accept()", self._core._open_session,
-                             negotiate, self._core.accept,
-                             timeout=_remaining(start, timeout))
+        phase = "Failed to accept a connection"
+        try:
+            self._bridge.block_on_coroutine(
+                "accept()", self._opening, closes, phase,
+                self._core.wait_for_peer, timeout=seconds)
+        except TimeoutError:
+            raise TimeoutError(
+                f"accept(): nobody connected within {seconds:g} s; "
+                "still listening (call accept() again, or "
+                "close() to stop)") from None
+        self._bridge.block_on_coroutine(
+            "accept()", self._opening, closes, phase,
+            partial(self._core.accept, negotiate=negotiate),
+            timeout=_remaining(start, seconds))
 
     def disconnect(self) -> None:
         """
-        End the session (or stop listening, or abort a connect in
-        progress in another thread) and return to IDLE; idempotent.
+        End the session (or stop listening, or abort a connect or accept
+        in progress in another thread) and return to IDLE; idempotent.
 
         Commands still waiting for replies end with
         `ExecInterruptedError`; threads waiting for events wake up with
         `StateError` unless a matching event is queued. Queued events
-        stay queued.
+        stay queued. Unwritten commands are dropped, so this returns
+        promptly even when the server does not read.
 
         :raise Exception: The failure that ended the session on its own
             (a `ProtocolError`, say), once; the client is IDLE all the
             same.
         """
-        if self._core.runstate is Runstate.IDLE:
-            return
-        self._bridge.run("disconnect()", self._core.disconnect)
+        self._closes += 1
+        if self.runstate is Runstate.IDLE and not self._bridge.usable:
+            return  # nothing to end, and no loop to end it in
+        self._bridge.block_on_coroutine("disconnect()",
+                                        self._core.disconnect)
 
     def close(self) -> None:
         """The same as `disconnect`."""
@@ -344,18 +396,23 @@ class QMPSyncClient:
         :param oob: Execute it out of band (needs a session that
             negotiated 'oob', and a command that allows it).
         :param timeout: Seconds to wait for the reply at most. When they
-            pass, the command is abandoned (its late reply is dropped)
-            and the session stays usable.
+            pass, a command not yet written is withdrawn, one written is
+            abandoned (its late reply is dropped); the session stays
+            usable either way.
         :raise ExecuteError: When the server answers with an error.
         :raise TimeoutError: When `timeout` passes first.
         :raise ExecInterruptedError: When the session ends first.
         :raise StateError: When the client is not RUNNING.
-        :raise TypeError: For a bad argument or a value that is not
-            JSON-serialisable; nothing is sent.
+        :raise TypeError: For a bad argument, a value that is not
+            JSON-serialisable or a key that is not a string (at any
+            depth); nothing is sent.
+        :raise ValueError: For NaN or infinity among the arguments,
+            arguments nested too deeply to encode, or a NaN or negative
+            timeout; nothing is sent.
         """
-        return self.execute_msg(
-            QMPClient.make_execute_msg(cmd, arguments, oob=oob),
-            timeout=timeout)
+        seconds = timeout_seconds(timeout)
+        return reply_value(*self._exchange(
+            self._core.command(cmd, arguments, oob=oob), seconds))
 
     def execute_msg(self, msg: Mapping[str, object], *,
                     timeout: float | None = None) -> object:
@@ -368,7 +425,9 @@ class QMPSyncClient:
         :raise: As `execute`; also `ValueError` for a message that is not
             a command or whose id is already in flight.
         """
-        return QMPClient._reply_value(*self._exchange(msg, timeout))
+        seconds = timeout_seconds(timeout)
+        return reply_value(*self._exchange(
+            self._core.command_from(msg), seconds))
 
     def execute_reply(self, msg: Mapping[str, object], *,
                       timeout: float | None = None) -> Message:
@@ -379,18 +438,17 @@ class QMPSyncClient:
 
         :raise: As `execute_msg`, except `ExecuteError`.
         """
-        return QMPClient._reply_message(*self._exchange(msg, timeout))
+        seconds = timeout_seconds(timeout)
+        return reply_message(*self._exchange(
+            self._core.command_from(msg), seconds))
 
-    def _exchange(self, msg: Mapping[str, object],
+    def _exchange(self, command: Command,
                   timeout: float | None) -> Exchange:
-        """Caller thread: send `msg`; block until its reply comes."""
-        name = None
-        if isinstance(msg, Mapping):
-            name = msg.get("execute") or msg.get("exec-oob")
-        reply: Exchange = self._bridge.submit(
-            f"execute({name!r})", self._core._submit, msg,
-            _seconds(timeout, "timeout"))
-        return reply
+        """Caller thread: send `command`; block until its reply comes."""
+        exchange: Exchange = self._bridge.block_on(
+            f"execute({command.name!r})",
+            partial(self._core.submit, command), timeout)
+        return exchange
 
     def cmd(self, cmd: str, **kwargs: object) -> object:
         """
@@ -410,7 +468,8 @@ class QMPSyncClient:
         :raise TypeError: When `fd` is not an int.
         :raise StateError: When the client is not RUNNING.
         """
-        self._bridge.call("send_fd_scm()", self._core.send_fd_scm, fd)
+        self._bridge.block_on_call("send_fd_scm()", self._core.send_fd_scm,
+                                   fd)
 
     # ------------------------------------------------------------------
     # Events.
@@ -420,11 +479,12 @@ class QMPSyncClient:
         Take the oldest queued event.
 
         :param wait: False or 0: do not wait (None when nothing is
-            queued); True: wait as long as the session runs; a number:
-            wait that many seconds at most.
+            queued); True (or infinity): wait as long as the session
+            runs; a number: wait that many seconds at most.
         :raise TimeoutError: When a number of seconds passes first.
         :raise StateError: When waiting and the session is not running
             (or ends meanwhile) with nothing queued.
+        :raise ValueError: When `wait` is NaN or negative.
         """
         seconds = _wait_seconds(wait)
         if seconds == 0.0:
@@ -440,11 +500,12 @@ class QMPSyncClient:
             for one event first (then take all that are queued).
         :raise: As `pull_event`.
         """
+        seconds = _wait_seconds(wait)
         events = self._events.clear()
-        if events or _wait_seconds(wait) == 0.0:
+        if events or seconds == 0.0:
             return events
-        first = self.pull_event(wait)
-        assert first is not None
+        self._bridge.check_caller("get_events()")
+        first = self._events.take(None, seconds, "get_events()")
         return [first, *self._events.clear()]
 
     def clear_events(self) -> list[Message]:
@@ -452,17 +513,21 @@ class QMPSyncClient:
         return self._events.clear()
 
     def event_wait(self, name: str, timeout: float | None = 60.0,
-                   match: object = None) -> Message:
+                   match: Mapping[str, object] | None = None) -> Message:
         """
         Take out the first event called `name` that matches `match`
         (see `event_match`), looking at queued events first, then
         waiting for new ones. Every other event stays queued, in order.
 
+        :param match: None, or a mapping the event must match.
         :param timeout: One deadline for the whole wait, in seconds
             (None: as long as the session runs).
         :raise TimeoutError: When no such event comes in time.
         :raise StateError: When the session is not running (or ends)
             before such an event is queued.
+        :raise TypeError: When `name` is not a str or `match` neither a
+            mapping nor None (no event could ever match it).
+        :raise ValueError: When `timeout` is NaN or negative.
         """
         return self.events_wait([(name, match)], timeout)
 
@@ -481,8 +546,14 @@ class QMPSyncClient:
                     and isinstance(item[0], str)):
                 raise TypeError("events must be (name, match) pairs, not "
                                 f"{item!r}")
-            wanted.append((item[0].upper(), item[1]))
-        seconds = _seconds(timeout, "timeout")
+            name, match = item
+            if match is not None and not isinstance(match, Mapping):
+                raise TypeError(
+                    f"the match for {name} must be a mapping or None, not "
+                    f"{match!r}: an event is a mapping, so nothing else "
+                    "could match it")
+            wanted.append((name.upper(), match))
+        seconds = timeout_seconds(timeout)
         self._bridge.check_caller("events_wait()")
 
         def matches(event: Message) -> bool:
@@ -510,12 +581,11 @@ class QMPSyncClient:
         client.
         """
         listener = BlockingListener(self._core, names, event_filter)
-        self._bridge.call("listen()", self._core.register_listener,
-                          listener)
+        self._bridge.block_on_call("listen()", self._core.register_listener,
+                                   listener)
         try:
             yield listener
         finally:
             if self._bridge.usable:
-                self._bridge.call("listen()", self._core.remove_listener,
-                                  listener)
-
+                self._bridge.block_on_call(
+                    "listen()", self._core.remove_listener, listener)

@@ -1,20 +1,50 @@
 """
-Small asyncio helpers shared by the layers.
+Small helpers shared by the layers.
 
-Everything here is plain asyncio and runs in the thread of the event
-loop that awaits it.
+`cancel_and_wait` is plain asyncio and runs in the thread of the event
+loop that awaits it; the others are pure functions for any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 from typing import Any
 
 __all__ = (
     "cancel_and_wait",
     "exception_summary",
     "format_size",
+    "timeout_seconds",
 )
+
+
+def timeout_seconds(value: object, name: str = "timeout") -> float | None:
+    """
+    Any thread: check a timeout argument and return it as seconds, or
+    None for "no limit".
+
+    None, infinity and anything longer than the platform can wait
+    (`threading.TIMEOUT_MAX`, some 292 years) mean no limit.
+
+    :param name: The argument's name, for the error message.
+    :raise TypeError: When `value` is neither None nor a number (a bool
+        is not a number of seconds).
+    :raise ValueError: For NaN or a negative number.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not "
+                        f"{value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, not {value!r}")
+    if value >= threading.TIMEOUT_MAX:
+        return None
+    return float(value)
 
 
 def exception_summary(exc: BaseException) -> str:

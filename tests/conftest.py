@@ -20,6 +20,7 @@ Test rig: async tests, a thread-leak check, and real QEMU.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import os
@@ -257,6 +258,13 @@ def thread_states(pid: int) -> list[str]:
         states.append(f"{status['Name']} {status['State']} "
                       f"{(task / 'wchan').read_text()}")
     return states
+
+
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    """Threads for blocking calls made while the test acts elsewhere."""
+    with concurrent.futures.ThreadPoolExecutor(8) as executor:
+        yield executor
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ Everything it reads is recorded in `FakeQMP.received`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import socket
@@ -17,6 +18,7 @@ from typing import Any, ClassVar, Union
 
 from qmp_sync.message import Message
 from qmp_sync.protocol import AsyncProtocol
+from qmp_sync.sync import QMPSyncClient
 
 GREETING: dict[str, Any] = {
     "QMP": {
@@ -268,3 +270,15 @@ class BlockingPeer:
         self.sock.close()
         if not self._handed_over:
             self._client_sock.close()
+
+
+def peer_client(peer: BlockingPeer,
+                pool: concurrent.futures.ThreadPoolExecutor,
+                **options: Any) -> QMPSyncClient:
+    """A `QMPSyncClient` made with `options`, connected to `peer`
+    (handshake done)."""
+    client = QMPSyncClient(**options)
+    opening = pool.submit(client.open_with_socket, peer.client_sock)
+    peer.handshake()
+    opening.result(BlockingPeer.TIMEOUT)
+    return client

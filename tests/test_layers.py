@@ -9,7 +9,7 @@ import qmp_sync
 
 # Bottom first, as API.md lists them.
 LAYERS = ["error", "util", "protocol", "message", "events", "qmp_client",
-          "_loop", "sync", "legacy", "shell"]
+          "_loop", "_event_queue", "sync", "legacy", "shell"]
 # The shell package's own modules, bottom first.
 SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
 # The calls that cross into the loop from another thread: only the
@@ -21,6 +21,10 @@ CROSSING = ("call_soon_threadsafe", "run_coroutine_threadsafe",
 STARTS_THREADS = {"_loop.py", "console.py"}
 
 PACKAGE = Path(qmp_sync.__file__).parent
+# The package's own private modules: internal layers, importable inside
+# the package.
+PRIVATE_MODULES = {path.stem for path in PACKAGE.glob("_*.py")} - {
+    "__init__", "__main__"}
 
 
 def imports_of(path: Path, in_shell: bool) -> tuple[set[str], set[str]]:
@@ -101,3 +105,68 @@ def test_one_module_crosses_threads() -> None:
             assert not [name for name in CROSSING if name in text], path
         if path.name not in STARTS_THREADS:
             assert "threading.Thread" not in text, path
+
+
+def private_names_defined(tree: ast.AST) -> set[str]:
+    """The `_private` names a module defines: functions, classes, class
+    attributes, and attributes it assigns on ``self``/``cls``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                             ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(
+                node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name)
+    return {name for name in names if is_private(name)}
+
+
+def is_private(name: str) -> bool:
+    """A ``_name``, not a ``__dunder__``."""
+    return name.startswith("_") and not name.endswith("__")
+
+
+def foreign_private_accesses(path: Path) -> list[str]:
+    """
+    Where the module at `path` reads a `_private` attribute that it
+    does not define itself, on anything but ``self``, ``cls`` or
+    ``super()`` (a subclass's own inherited state and hooks are its
+    own), and `_private` names it imports from elsewhere.
+    """
+    tree = ast.parse(path.read_text())
+    own = private_names_defined(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found += [f"{path.name}:{node.lineno}: imports {alias.name}"
+                      for alias in node.names
+                      if is_private(alias.name)
+                      and alias.name not in PRIVATE_MODULES]
+            continue
+        if not (isinstance(node, ast.Attribute) and is_private(node.attr)):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            continue
+        if (isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name)
+                and owner.func.id == "super"):
+            continue
+        if node.attr in own:
+            continue
+        found.append(f"{path.name}:{node.lineno}: "
+                     f"{ast.unparse(node)}")
+    return found
+
+
+def test_no_module_touches_another_modules_privates() -> None:
+    """The layers talk through their documented names only: no module
+    reaches into a `_private` attribute that another module defines
+    (the blocking layer uses the async client's public interface)."""
+    found = []
+    for path in sorted(PACKAGE.glob("**/*.py")):
+        found += foreign_private_accesses(path)
+    assert found == []

@@ -78,15 +78,6 @@ def connect_to_peer(client: QEMUMonitorProtocol, peer: BlockingPeer,
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    """Worker threads for calls that block beside the test thread; the
-    clients below depend on it, so they are closed (waking any call
-    still blocked) before it shuts down."""
-    with ThreadPoolExecutor(max_workers=4) as executor:
-        yield executor
-
-
-@pytest.fixture
 def peer_client(peer: BlockingPeer, pool: ThreadPoolExecutor
                 ) -> Iterator[QEMUMonitorProtocol]:
     """A legacy client connected to `peer`."""

@@ -584,7 +584,7 @@ async def test_server_reset_is_a_hangup_not_a_failure() -> None:
     await connecting
     # Written at once (nothing queued), so it sits unread in `theirs`.
     future = loop.create_future()
-    client._submit({"execute": "query-status"}, future)
+    client.submit(client.command("query-status"), future)
     theirs.close()
     with pytest.raises(ExecInterruptedError, match="reset") as info:
         await future

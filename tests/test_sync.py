@@ -12,13 +12,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import QEMU, MultiQEMU, start_qemu, start_qemu_monitors
-from peers import GREETING, BlockingPeer
+from peers import GREETING, BlockingPeer, peer_client
 
 from qmp_sync import (
     ConnectError,
@@ -34,24 +33,6 @@ from qmp_sync.sync import event_match
 
 # Upper bound of any single wait in these tests.
 BOUND = 10.0
-
-
-@pytest.fixture
-def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
-    """Threads for blocking calls made while the test drives the peer."""
-    with concurrent.futures.ThreadPoolExecutor(8) as executor:
-        yield executor
-
-
-def peer_client(peer: BlockingPeer,
-                pool: concurrent.futures.ThreadPoolExecutor
-                ) -> QMPSyncClient:
-    """A client connected to `peer` (handshake done)."""
-    client = QMPSyncClient()
-    opening = pool.submit(client.open_with_socket, peer.client_sock)
-    peer.handshake()
-    opening.result(BOUND)
-    return client
 
 
 def qemu_client(path: str) -> QMPSyncClient:

@@ -88,8 +88,12 @@ class Schema:
         if name not in self.commands:
             hint = suggest(name, self.commands) or "; 'help' lists them"
             return f"unknown command {name!r}{hint}"
-        problem = self._check_members(name, self._command_arg_type(name),
-                                      arguments)
+        try:
+            problem = self._check_members(
+                name, self._command_arg_type(name), arguments)
+        except RecursionError:
+            return (f"the arguments of {name!r} are nested too deeply "
+                    "to send")
         if problem is None and name == "transaction":
             actions = arguments.get("actions")
             for action in actions if isinstance(actions, list) else ():

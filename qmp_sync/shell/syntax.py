@@ -231,21 +231,33 @@ def _as_json(value: object, text: str) -> object:
         f"in {text!r}")
 
 
+def _shortened(text: str, size: int = 60) -> str:
+    """`text` quoted for an error line, cut to about `size` characters."""
+    return repr(text) if len(text) <= size else f"{text[:size]!r}..."
+
+
 def _parse_structure(text: str) -> object:
     """A ``{...}`` or ``[...]`` value: JSON, else a Python literal."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise CommandLineError(
+            f"nested too deeply: {_shortened(text)}") from None
+    except ValueError:
         try:
             value = _literal(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError,
-                RecursionError):
+        except RecursionError:
             raise CommandLineError(
-                f"not JSON or a Python literal: {text!r}") from None
+                f"nested too deeply: {_shortened(text)}") from None
+        except (ValueError, SyntaxError, TypeError, MemoryError):
+            raise CommandLineError(
+                f"not JSON or a Python literal: {_shortened(text)}"
+                ) from None
     try:
         return _as_json(value, text)
     except RecursionError:
-        raise CommandLineError(f"nested too deeply: {text!r}") from None
+        raise CommandLineError(
+            f"nested too deeply: {_shortened(text)}") from None
 
 
 def _python_string(text: str) -> str | None:
