@@ -12,7 +12,6 @@ logged, never silently.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -93,8 +92,8 @@ class BlockingListener(EventSelector):
         self.dropped = 0
         # Loop thread only: a warning was logged for this overflow.
         self._overflowing = False
-        # Loop thread only: a wake-up of the waiters is scheduled.
-        self._wake_scheduled = False
+        # Loop thread only: events were queued since the last flush.
+        self._unflushed = False
 
     def __repr__(self) -> str:
         names = "all" if self.names is None else sorted(self.names)
@@ -107,12 +106,12 @@ class BlockingListener(EventSelector):
 
     def put(self, event: Message) -> None:
         """
-        Runs in the loop thread: queue `event`; wake waiters once the
-        reader has handled everything it has read so far.
+        Runs in the loop thread: queue `event`; waiters are woken at the
+        next `flush`, once the client has handled everything it has
+        read so far.
 
         Waking them at each event would have them take events one by
-        one, fighting the reader for the GIL at every event of a burst;
-        waking them at the end of the batch costs one loop pass.
+        one, fighting the reader for the GIL at every event of a burst.
         """
         stored: _Stored = event
         if len(self._queue) >= COMPACT_AFTER:
@@ -136,15 +135,16 @@ class BlockingListener(EventSelector):
                 self._overflowing = False
             queue.append((self._count, stored))
             self._count += 1
-            if self._waiting and not self._wake_scheduled:
-                self._wake_scheduled = True
-                asyncio.get_running_loop().call_soon(self._wake)
+            self._unflushed = True
 
-    def _wake(self) -> None:
-        """Runs in the loop thread: wake the waiters."""
-        with self._cond:
-            self._wake_scheduled = False
-            self._cond.notify_all()
+    def flush(self) -> None:
+        """Runs in the loop thread: wake the waiters, if events came
+        since the last flush."""
+        if self._unflushed:
+            self._unflushed = False
+            with self._cond:
+                if self._waiting:
+                    self._cond.notify_all()
 
     def session_ended(self) -> None:
         """Runs in the loop thread: wake waiters, who then find that no

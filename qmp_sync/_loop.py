@@ -159,6 +159,41 @@ class Handoff(Generic[R]):
         return self._result  # type: ignore[return-value]
 
 
+#: The environment variable that picks the loop of the library's own
+#: thread: ``asyncio`` (the standard library's) or ``uvloop``.
+LOOP_VARIABLE = "QMP_SYNC_LOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """
+    Runs in a caller thread: a new event loop for the library's own
+    loop thread: uvloop's when it is installed (``pip install
+    qmp_sync[speed]``), else the standard library's; ``QMP_SYNC_LOOP``
+    set to ``asyncio`` forces the standard one, set to ``uvloop`` asks
+    for uvloop and fails without it. A loop a caller passes with
+    ``loop=`` is never replaced.
+
+    :raise QMPError: When ``QMP_SYNC_LOOP`` has another value, or asks
+        for uvloop and it is not installed.
+    """
+    choice = os.environ.get(LOOP_VARIABLE, "")
+    if choice not in ("", "asyncio", "uvloop"):
+        raise QMPError(f"{LOOP_VARIABLE} must be 'asyncio' or 'uvloop', "
+                       f"not {choice!r}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise QMPError(f"{LOOP_VARIABLE}=uvloop, but uvloop is not "
+                               "installed (pip install qmp_sync[speed])"
+                               ) from None
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
 class LoopThread:
     """
     A daemon thread running one event loop, shared by many clients.
@@ -171,7 +206,7 @@ class LoopThread:
     _shared_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         # Held while scheduling work and while setting `stopping`, so
         # that nothing is scheduled behind the shutdown (a stopped loop
         # would accept the work and never run it). Reentrant: a
@@ -189,6 +224,8 @@ class LoopThread:
             daemon=True)
         self._thread.start()
         running.wait()
+        #: The loop thread's identifier.
+        self.ident = self._thread.ident
 
     @classmethod
     def shared(cls) -> LoopThread:
@@ -365,11 +402,17 @@ class Bridge:
                 f"{what}: this client was created in the parent process "
                 "before fork(); its loop thread does not exist in this "
                 "child process. Create a new client here.")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if running is self.loop:
+        host = self._host
+        if host is not None:
+            # Our own thread: comparing thread ids is cheaper than asking
+            # asyncio, which raises in a thread without a loop.
+            in_loop = threading.get_ident() == host.ident
+        else:
+            try:
+                in_loop = asyncio.get_running_loop() is self.loop
+            except RuntimeError:
+                in_loop = False
+        if in_loop:
             raise QMPError(
                 f"{what} is a blocking call and was made from the "
                 "client's own event loop thread (an event filter, say), "

@@ -76,6 +76,12 @@ class EventSelector:
         """Runs in the loop thread: the session that fed this listener
         has ended (no more events until the next one). Never blocks."""
 
+    def flush(self) -> None:
+        """Runs in the loop thread: the client has handled everything it
+        has read so far; a listener that defers waking its waiters (a
+        blocking one: waking other threads at every event of a burst
+        costs more than it brings) wakes them now. Never blocks."""
+
 
 class EventListener(EventSelector):
     """
@@ -160,6 +166,8 @@ class Events:
         # A tuple replaced on change, so dispatch iterates a snapshot even
         # if a filter registers or removes listeners.
         self._listeners: tuple[EventSelector, ...] = (self.events,)
+        # A flush of the listeners is scheduled (see _schedule_flush).
+        self._flush_scheduled = False
 
     def register_listener(self, listener: EventSelector) -> None:
         """
@@ -224,6 +232,20 @@ class Events:
                 continue
             if accepted:
                 listener.put(event)
+
+    def _flush_listeners(self) -> None:
+        """Runs in the loop thread: every listener's `flush`."""
+        self._flush_scheduled = False
+        for listener in self._listeners:
+            listener.flush()
+
+    def _schedule_flush(self) -> None:
+        """Runs in the loop thread: flush the listeners in the next loop
+        pass, once however many events come before it: by then the
+        reader has handled everything it has read so far."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_listeners)
 
     def _end_listeners(self) -> None:
         """Runs in the loop thread: tell every listener that the session

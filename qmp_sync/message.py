@@ -70,18 +70,52 @@ def encode(value: Mapping[str, object]) -> bytes:
     return text.encode("utf-8")
 
 
-def decode(data: bytes) -> object:
-    """
-    Any thread: the JSON value in `data` (UTF-8, surrounding whitespace
-    allowed).
-
-    :raise ValueError: When `data` is not valid JSON, or is nested too
-        deeply to decode (the error says which).
-    """
+def _decode_stdlib(data: bytes) -> object:
+    """`decode` with the standard library's decoder."""
     try:
         return json.loads(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply to decode") from None
+
+
+# Digits become "0", everything else a space: a run of 19 zeros then
+# marks 19 digits in a row, perhaps an integer beyond 64 bits, which
+# orjson would quietly turn into a float. (Five times faster than a
+# regular expression.)
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20
+                     for byte in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _decode_fast(data: bytes) -> object:
+    """
+    `decode` with orjson, which parses several times faster. What it
+    refuses (NaN and Infinity, lone surrogates, nesting past 1,024,
+    malformed input), and any input with a run of 19 digits or more
+    (an integer beyond 64 bits, which it would make a float), goes to
+    the standard decoder, which accepts it or raises its own error: the
+    result is always exactly what ``json.loads`` gives.
+    """
+    if _LONG_RUN not in data.translate(_DIGITS_ONLY):
+        try:
+            return _orjson_loads(data)
+        except _OrjsonError:
+            pass
+    return _decode_stdlib(data)
+
+
+try:
+    from orjson import JSONDecodeError as _OrjsonError
+    from orjson import loads as _orjson_loads
+except ImportError:
+    #: Any thread: the JSON value in `data` (bytes in UTF-8, surrounding
+    #: whitespace allowed), with orjson when installed (``pip install
+    #: qmp_sync[speed]``), else the standard library's decoder; the
+    #: result is the same either way. Raises `ValueError` when `data` is
+    #: not valid JSON, or is nested too deeply to decode.
+    decode = _decode_stdlib
+else:
+    decode = _decode_fast
 
 
 class Message(collections.UserDict[str, object]):

@@ -43,6 +43,7 @@ from typing import (
     cast,
 )
 
+from ._linereader import LineReader, LineTooLong, PushTarget
 from .error import ProtocolError, QMPError
 from .util import cancel_and_wait, exception_summary, format_size
 
@@ -626,17 +627,44 @@ class AsyncProtocol(Generic[T]):
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_PAUSE)
 
+    def _new_reader(self) -> asyncio.StreamReader:
+        """Runs in the loop thread: the reader for a new connection: a
+        `LineReader` when this class reads by lines pushed to it (see
+        `_pushes_lines`), a plain ``asyncio.StreamReader`` otherwise."""
+        if self._pushes_lines():
+            return LineReader(self.readbuflen)
+        return asyncio.StreamReader(limit=self.readbuflen)
+
+    def _pushes_lines(self) -> bool:
+        """
+        Any thread: True when this class handles lines as they arrive:
+        some class implements `_handle_line`, and no class below it
+        overrides `_do_recv`, `_on_message` or `_readline` (a subclass
+        that does gets the task-based reader, so its hooks run).
+        """
+        cls = type(self)
+        owner = next(klass for klass in cls.__mro__
+                     if "_handle_line" in vars(klass))
+        return owner is not AsyncProtocol and all(
+            getattr(cls, hook) is getattr(owner, hook)
+            for hook in ("_do_recv", "_on_message", "_readline"))
+
     async def _do_connect(self, address: SocketAddr | socket.socket,
                           ssl: SSLContext | None) -> None:
         """Runs in the loop thread: open the stream as a client."""
-        limit = self.readbuflen
+        loop = asyncio.get_running_loop()
+        reader = self._new_reader()
+
+        def stream_protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(reader)
+
         self.logger.debug("Connecting to %s ...", address)
         if isinstance(address, socket.socket):
-            self._reader, self._writer = await asyncio.open_connection(
-                sock=address, limit=limit)
+            transport, protocol = await loop.create_connection(
+                stream_protocol, sock=address)
         elif isinstance(address, tuple):
-            self._reader, self._writer = await asyncio.open_connection(
-                address[0], address[1], ssl=ssl, limit=limit)
+            transport, protocol = await loop.create_connection(
+                stream_protocol, address[0], address[1], ssl=ssl)
         else:
             # Connected by hand: a unix socket whose listen backlog is
             # full gives EAGAIN, which asyncio's own connect takes for
@@ -645,28 +673,35 @@ class AsyncProtocol(Generic[T]):
             try:
                 sock.setblocking(False)
                 sock.connect(os.fspath(address))
-                self._reader, self._writer = (
-                    await asyncio.open_unix_connection(
-                        sock=sock, ssl=ssl, limit=limit))
+                transport, protocol = await loop.create_unix_connection(
+                    stream_protocol, sock=sock, ssl=ssl)
             except BaseException:
                 sock.close()
                 raise
+        self._reader = reader
+        self._writer = asyncio.StreamWriter(transport, protocol, reader,
+                                            loop)
         self.logger.debug("Connected.")
 
     async def _do_start_server(self, address: SocketAddr,
                                ssl: SSLContext | None) -> None:
         """Runs in the loop thread: bind and listen."""
-        self._accepted = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._accepted = loop.create_future()
+
+        def stream_protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(self._new_reader(),
+                                                self._incoming)
+
         self.logger.debug("Listening on %s ...", address)
         if isinstance(address, tuple):
-            self._server = await asyncio.start_server(
-                self._incoming, address[0], address[1], ssl=ssl, backlog=1,
-                limit=self.readbuflen)
+            self._server = await loop.create_server(
+                stream_protocol, address[0], address[1], ssl=ssl,
+                backlog=1)
         else:
             path = os.fspath(address)
-            self._server = await asyncio.start_unix_server(
-                self._incoming, path, ssl=ssl, backlog=1,
-                limit=self.readbuflen)
+            self._server = await loop.create_unix_server(
+                stream_protocol, path, ssl=ssl, backlog=1)
             self._server_path = path
 
     async def _incoming(self, reader: asyncio.StreamReader,
@@ -725,11 +760,15 @@ class AsyncProtocol(Generic[T]):
         self._outgoing_ready = None
         loop = asyncio.get_running_loop()
         self._session_loop = loop
-        self._reader_task = loop.create_task(
-            self._bh_loop(self._bh_recv_message, "Reader"))
+        reader = self._reader
+        if not isinstance(reader, LineReader):
+            self._reader_task = loop.create_task(
+                self._bh_loop(self._bh_recv_message, "Reader"))
         self._writer_task = loop.create_task(
             self._bh_loop(self._bh_send_message, "Writer"))
         self._set_state(Runstate.RUNNING)
+        if isinstance(reader, LineReader):
+            reader.push_to(_LinePusher(self))
 
     def _check_loop_thread(self, what: str) -> None:
         """
@@ -762,6 +801,8 @@ class AsyncProtocol(Generic[T]):
             self._session_error = error
         if self._dc_task is not None:
             return
+        if isinstance(self._reader, LineReader):
+            self._reader.stop_pushing()
         self._set_state(Runstate.DISCONNECTING)
         try:
             self._on_session_end(error)
@@ -954,6 +995,32 @@ class AsyncProtocol(Generic[T]):
         """Hook, runs in the loop thread: read and return one message."""
         raise NotImplementedError
 
+    def _handle_line(self, line: bytes) -> None:
+        """
+        Hook, runs in the loop thread, inside the transport's
+        ``data_received``: parse and handle one line (newline included;
+        at the end of the stream, an unfinished line without it). An
+        exception raised here ends the session with that failure.
+
+        A class that implements it reads by *push*: once the session
+        runs, each line goes here the moment it arrives, with no reader
+        task (see ``qmp_sync._linereader``), and `_end_of_batch` follows
+        each chunk received. A class that does not (or a subclass that
+        overrides `_do_recv`, `_on_message` or `_readline` below the one
+        that does) gets the reader task, which awaits `_do_recv` and
+        `_on_message` for each message. Both keep the order of messages,
+        both honour `readbuflen`, and both end the session through the
+        same path, so `disconnect()` re-raises a failure of either once.
+        Before the session runs (greeting, negotiation), `_recv` reads
+        with `_readline` in both.
+        """
+        raise NotImplementedError
+
+    def _end_of_batch(self) -> None:
+        """Hook, runs in the loop thread (push reader only): every line
+        of the chunk just received has been handled; wake whoever waits
+        for what they brought, once."""
+
     def _do_send(self, msg: T) -> None:
         """Hook, runs in the loop thread: write one message to
         ``self._writer`` (without draining)."""
@@ -989,3 +1056,27 @@ class AsyncProtocol(Generic[T]):
         inbound message before `_on_message` sees it."""
         self.logger.debug("<-- %s", msg)
         return msg
+
+
+class _LinePusher(PushTarget):
+    """Runs in the loop thread: delivers the lines a `LineReader` pushes
+    to the hooks of `proto`, and ends its session when pushing ends."""
+
+    def __init__(self, proto: AsyncProtocol[Any]) -> None:
+        self._proto = proto
+
+    def line_received(self, line: bytes) -> None:
+        self._proto._handle_line(line)
+
+    def chunk_done(self) -> None:
+        self._proto._end_of_batch()
+
+    def push_failed(self, error: BaseException) -> None:
+        proto = self._proto
+        if isinstance(error, LineTooLong):
+            error = MessageTooLargeError(proto.readbuflen)
+        if isinstance(error, EOFError):
+            proto.logger.debug("Reader: the peer closed the connection.")
+        else:
+            proto.logger.info("Reader failed: %s", exception_summary(error))
+        proto._schedule_disconnect(error)

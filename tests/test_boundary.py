@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
+import itertools
 import json
 import logging
 import math
@@ -35,7 +37,9 @@ from qmp_sync import (
     Runstate,
     StateError,
 )
+from qmp_sync._event_queue import BlockingListener
 from qmp_sync.legacy import QEMUMonitorProtocol
+from qmp_sync.protocol import AsyncProtocol
 from qmp_sync.qmp_client import ServerParseError
 
 # Upper bound of any single wait in these tests.
@@ -307,12 +311,14 @@ def test_unsent_commands_do_not_pile_up(
     memory afterwards (300 of 100 kB used to keep some 30 MB)."""
     client = peer_client(peer, pool)
     big = "x" * 100_000
+    gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(300):
             with pytest.raises(TimeoutError):
                 client.execute("big", {"data": big}, timeout=0.002)
+        gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -537,3 +543,30 @@ def test_state_errors_under_races_name_one_state(
         assert f"runstate {err.state.name})" in str(err), err
     client.close()
 
+
+
+class Flickering(AsyncProtocol[object]):
+    """A client whose runstate differs at every read, as it can while
+    another thread connects and closes."""
+
+    def __init__(self, *states: Runstate) -> None:
+        super().__init__()
+        self._states = itertools.cycle(states)
+
+    @property  # type: ignore[override]
+    def runstate(self) -> Runstate:
+        return next(self._states)
+
+
+def test_state_error_reads_the_state_once() -> None:
+    """An event wait that finds the session gone reads the runstate
+    once: the message and ``.state`` name the state it saw, even when a
+    second read would say RUNNING ("already connected (runstate
+    RUNNING); this call needs RUNNING" used to appear)."""
+    client = Flickering(Runstate.DISCONNECTING, Runstate.RUNNING)
+    queue = BlockingListener(client)
+    with pytest.raises(StateError) as info:
+        queue.take(None, 0.0, "pull_event()")
+    assert info.value.state is Runstate.DISCONNECTING
+    assert "runstate DISCONNECTING" in str(info.value)
+    assert "RUNNING;" not in str(info.value)

@@ -8,8 +8,8 @@ from pathlib import Path
 import qmp_sync
 
 # Bottom first, as API.md lists them.
-LAYERS = ["error", "util", "protocol", "message", "events", "qmp_client",
-          "_loop", "_event_queue", "sync", "legacy", "shell"]
+LAYERS = ["error", "util", "_linereader", "protocol", "message", "events",
+          "qmp_client", "_loop", "_event_queue", "sync", "legacy", "shell"]
 # The shell package's own modules, bottom first.
 SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
 # The calls that cross into the loop from another thread: only the

@@ -24,6 +24,7 @@ from qmp_sync import (
     Runstate,
     StateError,
 )
+from qmp_sync.message import encode
 from qmp_sync.protocol import MessageTooLargeError
 from qmp_sync.qmp_client import (
     BadReplyError,
@@ -592,3 +593,17 @@ async def test_server_reset_is_a_hangup_not_a_failure() -> None:
     await session_end(client)
     await client.disconnect()
     assert client.runstate is Runstate.IDLE
+
+
+@pytest.mark.parametrize("name", ["query-status", "x", "é€😀", 'a"b\\c',
+                                  "\ud800", "tab\there", ""])
+@pytest.mark.parametrize("oob", [False, True])
+def test_argumentless_command_is_encoded_as_encode_would(
+        name: str, oob: bool) -> None:
+    """The shortcut that writes argument-less commands gives exactly the
+    bytes of the general encoder, and the same message."""
+    client = QMPClient()
+    command = client.command(name, oob=oob)
+    assert command.wire == encode(command.data) + b"\n"
+    assert json.loads(command.wire) == command.to_dict()
+    assert bytes(command) == command.wire[:-1]

@@ -3,8 +3,10 @@
 #   - QEMU (qemu-system-x86_64, qemu-storage-daemon), the guest agent
 #     (qemu-ga, run on the host for the shell's -N tests) and openssl
 #     from Debian's packages, when absent (needs root or sudo);
-#   - a virtualenv in .venv (override the interpreter with PYTHON=...);
-#   - the package in editable mode with its test extras.
+#   - a virtualenv in .venv (override the interpreter with PYTHON=...,
+#     the directory with VENV=...);
+#   - the package in editable mode with the extras in EXTRAS (default
+#     "test,speed": the test tools, uvloop and orjson).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +26,4 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    -e '.[test]'
+    -e ".[${EXTRAS:-test,speed}]"

@@ -1,32 +1,37 @@
 #!/usr/bin/env bash
-# Set up (tools/setup.sh) and run every check: mypy --strict, ruff, and
-# the whole test suite against real QEMU. Extra arguments go to pytest.
-# When a Python 3.9 interpreter is on PATH the suite also runs under it
-# (the oldest version setup.cfg promises).
+# Set up (tools/setup.sh) and run every check: mypy --strict (the
+# package and the benchmark), ruff, and the whole test suite against
+# real QEMU, twice: with the speed extra (uvloop, orjson) in .venv, and
+# without it in .venv-plain (the standard loop and json), under Python
+# 3.9 when one is on PATH (the oldest version setup.cfg promises).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 
-echo "== mypy --strict qmp_sync"
+echo "== mypy --strict qmp_sync tools/bench"
 .venv/bin/mypy --strict qmp_sync
+.venv/bin/mypy --strict tools/bench
 echo "== ruff check"
-.venv/bin/ruff check qmp_sync tests tools tools/bench
-echo "== pytest"
+.venv/bin/ruff check qmp_sync tests tools
+echo "== pytest (uvloop and orjson)"
+.venv/bin/python -c 'import orjson, uvloop'
 .venv/bin/pytest "$@"
 
-py39=
+plain_python=python3
 for candidate in python3.9 \
         "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.9*/bin/python3.9; do
     if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 9)' \
             2>/dev/null; then
-        py39=$candidate
+        plain_python=$candidate
         break
     fi
 done
-if [ -n "$py39" ]; then
-    echo "== pytest under Python 3.9 ($py39)"
-    PYTHON=$py39 VENV=.venv39 bash tools/setup.sh
-    .venv39/bin/pytest -q -p no:cacheprovider "$@"
-else
-    echo "== no Python 3.9 on this machine: skipped the 3.9 run"
+echo "== pytest without the speed extra ($("$plain_python" --version))"
+PYTHON=$plain_python VENV=.venv-plain EXTRAS=test bash tools/setup.sh
+if .venv-plain/bin/python -c 'import orjson' 2>/dev/null \
+        || .venv-plain/bin/python -c 'import uvloop' 2>/dev/null; then
+    echo "error: .venv-plain has the speed extra installed" >&2
+    exit 1
 fi
+.venv-plain/bin/pytest -q -p no:cacheprovider "$@"
