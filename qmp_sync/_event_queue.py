@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Union
 
-from ._loop import end_daemon_thread_at_exit
+from ._loop import SIGNAL_POLL, end_daemon_thread_at_exit
 from .error import QMPError
 from .events import EventFilter, EventSelector
 from .message import Message, decode
@@ -228,16 +228,17 @@ class BlockingListener(EventSelector):
                 if state is not Runstate.RUNNING:
                     end_daemon_thread_at_exit()
                     raise_state_error(self._client, Runstate.RUNNING, state)
-                remaining = None
+                pause = SIGNAL_POLL  # see SIGNAL_POLL
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError(
                             f"{what}: no matching event within "
                             f"{timeout:g} s")
+                    pause = min(pause, remaining)
                 self._waiting += 1
                 try:
-                    self._cond.wait(remaining)
+                    self._cond.wait(pause)
                 finally:
                     self._waiting -= 1
 

@@ -41,6 +41,7 @@ from .protocol import AsyncProtocol, Runstate
 from .util import exception_summary
 
 __all__ = (
+    "SIGNAL_POLL",
     "Bridge",
     "Handoff",
     "LoopThread",
@@ -56,6 +57,13 @@ R = TypeVar("R")
 #: How long a caller interrupted by KeyboardInterrupt waits for the
 #: loop to abandon its work before re-raising.
 _ABORT_GRACE = 2.0
+#: Longest a blocked caller sleeps between two looks for a pending
+#: signal. A blocked lock acquisition is not always interrupted by a
+#: signal: with uvloop running in the process, a SIGINT sent to the main
+#: thread was seen to stay pending (Ctrl-C ignored) until the call
+#: returned. Waking up now and then lets the Python-level handler run,
+#: and a KeyboardInterrupt be raised, within this many seconds.
+SIGNAL_POLL = 0.1
 #: How long ending the open sessions may take at interpreter exit.
 _EXIT_GRACE = 2.0
 
@@ -145,7 +153,8 @@ class Handoff(Generic[R]):
         the work), waits briefly for the loop to do so, and propagates.
         """
         try:
-            self._lock.acquire()
+            while not self._lock.acquire(timeout=SIGNAL_POLL):
+                pass
         except BaseException:
             with contextlib.suppress(QMPError):  # the loop is gone
                 interrupted()

@@ -768,10 +768,11 @@ class QMPClient(AsyncProtocol[Message], Events):
     def _route(self, msg: Message) -> None:
         """Runs in the loop thread: route a reply to its caller, an event
         to the listeners."""
-        if "event" in msg:
+        data = msg.data  # the dict itself: Message's `in` is Python code
+        if "event" in data:
             self._dispatch_event(msg)
             return
-        if "id" not in msg:
+        if "id" not in data:
             if ("QMP" in msg and self._greeting is None
                     and not self._expect_greeting):
                 # A greeting nobody waited for (negotiate=False, to a
@@ -787,7 +788,7 @@ class QMPClient(AsyncProtocol[Message], Events):
                 raise ServerParseError(
                     f"the server could not parse a command: {desc}", msg)
             raise BadReplyError("unexpected message from the server", msg)
-        key = _id_key(msg["id"])
+        key = _id_key(data["id"])
         entry = self._pending.pop(key, None)
         if entry is None:
             if key in self._abandoned:

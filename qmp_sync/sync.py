@@ -490,6 +490,9 @@ class QMPSyncClient:
         if seconds == 0.0:
             return self._events.get_nowait()
         self._bridge.check_caller("pull_event()")
+        event = self._events.get_nowait()
+        if event is not None:
+            return event
         return self._events.take(None, seconds, "pull_event()")
 
     def get_events(self, wait: bool | float = False) -> list[Message]:

@@ -4,6 +4,7 @@ program and judges it by its exit status and output."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -89,16 +90,19 @@ class Child:
 
 
 def run_child(code: str, *args: str, peer: bool = False,
-              warnings: tuple[str, ...] = ("error",)) -> Child:
+              warnings: tuple[str, ...] = ("error",),
+              env: dict[str, str] | None = None) -> Child:
     """Run `code` in a fresh interpreter in development mode (asyncio
-    debug mode, ResourceWarnings shown), with `warnings` as -W options;
-    `peer` prepends the `Peer` fake server."""
+    debug mode, ResourceWarnings shown), with `warnings` as -W options
+    and `env` added to the environment; `peer` prepends the `Peer` fake
+    server."""
     program = (PEER if peer else "") + textwrap.dedent(code)
     options = [f"-W{option}" for option in warnings]
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-X", "dev", *options, "-c", program, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+        env={**os.environ, **(env or {})})
     return Child(proc.returncode, proc.stdout, proc.stderr,
                  time.monotonic() - start)
 
@@ -156,6 +160,66 @@ def test_keyboard_interrupt_in_execute_leaves_client_usable() -> None:
         print("USABLE")
     ''', peer=True)
     assert_clean(child, "USABLE")
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_keyboard_interrupt_in_event_waits(loop: str) -> None:
+    """Ctrl-C reaches a caller blocked in pull_event(wait=True) and in
+    event_wait(timeout=None), on either loop (with uvloop, a blocked
+    wait used to miss it); the client stays usable."""
+    pytest.importorskip(loop)
+    child = run_child('''
+        import signal
+        import sys
+        import threading
+        import time
+
+        from qmp_sync import QMPSyncClient
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        peer = Peer()
+        main = threading.get_ident()
+        waiting = threading.Event()
+
+        def blocked():
+            """Whether the main thread sleeps in a wait (polled)."""
+            frame = sys._current_frames().get(main)
+            return frame is not None and frame.f_code.co_name == "wait"
+
+        def serve():
+            peer.handshake()
+            for _ in range(2):
+                assert waiting.wait(10), "the main thread never waited"
+                waiting.clear()
+                for _ in range(10_000):
+                    if blocked():
+                        break
+                    time.sleep(0.001)  # polling a condition, bounded
+                signal.pthread_kill(main, signal.SIGINT)
+            peer.answer("next", "next-value")
+            assert peer.stream.read() == b"", "no hang-up"
+
+        server = threading.Thread(target=serve)
+        server.start()
+        client = QMPSyncClient()
+        client.open_with_socket(peer.client_sock, timeout=10)
+        for wait in (lambda: client.pull_event(wait=True),
+                     lambda: client.event_wait("NEVER", timeout=None)):
+            try:
+                waiting.set()
+                wait()
+            except KeyboardInterrupt:
+                pass
+            else:
+                raise AssertionError("the wait was not interrupted")
+        assert client.execute("next", timeout=10) == "next-value"
+        client.close()
+        server.join(10)
+        assert not server.is_alive()
+        peer.close()
+        print("INTERRUPTED")
+    ''', peer=True, env={"QMP_SYNC_LOOP": loop})
+    assert_clean(child, "INTERRUPTED")
 
 
 def test_client_dropped_without_close_at_exit(qemu: QEMU) -> None:
