@@ -29,6 +29,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Coroutine
@@ -58,6 +59,8 @@ __all__ = (
     "Runstate",
     "SocketAddr",
     "StateError",
+    "describe_end",
+    "naming_address",
     "peer_hung_up",
     "require",
 )
@@ -207,10 +210,49 @@ def raise_state_error(proto: AsyncProtocol[Any], required: Runstate,
     read once: another thread may change the runstate meanwhile, and the
     message must name the state the call saw).
     """
+    name = proto.error_name or type(proto).__name__
+    lost = proto._ended_by if state is Runstate.DISCONNECTING else None
+    if lost is not None:
+        raise StateError(
+            f"{name} lost its connection to the server: "
+            f"{describe_end(lost)}; call close() (or disconnect()), then "
+            f"connect again (runstate {state.name}; this call needs "
+            f"{required.name})", state, required) from lost
     raise StateError(
-        f"{type(proto).__name__} is {_STATE_WORDS[state]} "
+        f"{name} is {_STATE_WORDS[state]} "
         f"(runstate {state.name}); this call needs {required.name}",
         state, required)
+
+
+# What a "HOST:PORT" string looks like (given where a path belongs).
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^/\[\]:]+):[0-9]+")
+
+
+def naming_address(error: OSError, address: str) -> OSError:
+    """
+    Any thread: `error` (from connecting to `address`) as an error of
+    the same type whose text names the address, as ``open()`` names its
+    file; a unix socket path that does not exist but looks like
+    ``HOST:PORT`` gets a hint to pass a ``(host, port)`` tuple.
+    """
+    if error.errno is None or error.filename is not None:
+        return error
+    words = error.strerror or str(error)
+    if isinstance(error, FileNotFoundError) and _HOST_PORT.fullmatch(
+            address):
+        host, _, port = address.rpartition(":")
+        words += (" (that looks like HOST:PORT: for TCP, pass "
+                  f"{(host.strip('[]'), int(port))!r})")
+    return type(error)(error.errno, words, address)
+
+
+def describe_end(error: BaseException) -> str:
+    """Any thread: why a session ended, in words, for messages."""
+    if isinstance(error, EOFError):
+        return "the server closed the connection"
+    if peer_hung_up(error):
+        return f"the server closed the connection ({error})"
+    return str(error) or type(error).__name__
 
 
 def peer_hung_up(error: BaseException) -> bool:
@@ -254,6 +296,11 @@ class AsyncProtocol(Generic[T]):
     #: The logger of this class; a named instance logs to a child of it.
     logger = logging.getLogger(__name__)
 
+    #: The class name that error messages give: None for this class's
+    #: own; a facade that wraps the client sets its name, the one its
+    #: users called.
+    error_name: str | None = None
+
     #: How long closing the stream may take before it is aborted.
     _close_timeout = 5.0
 
@@ -285,6 +332,9 @@ class AsyncProtocol(Generic[T]):
         self._dc_task: asyncio.Task[None] | None = None
         # The first failure of the session, re-raised once by disconnect().
         self._session_error: BaseException | None = None
+        # Why the session began to end (None: disconnect() was called);
+        # kept until the session is collected, for StateError messages.
+        self._ended_by: BaseException | None = None
 
         # The task running the connect or accept in progress, if any.
         self._attempt_task: asyncio.Task[None] | None = None
@@ -663,16 +713,24 @@ class AsyncProtocol(Generic[T]):
             transport, protocol = await loop.create_connection(
                 stream_protocol, sock=address)
         elif isinstance(address, tuple):
-            transport, protocol = await loop.create_connection(
-                stream_protocol, address[0], address[1], ssl=ssl)
+            try:
+                transport, protocol = await loop.create_connection(
+                    stream_protocol, address[0], address[1], ssl=ssl)
+            except OSError as err:
+                raise naming_address(err, f"{address[0]}:{address[1]}"
+                                     ) from None
         else:
             # Connected by hand: a unix socket whose listen backlog is
             # full gives EAGAIN, which asyncio's own connect takes for
             # "in progress" and reports as connected.
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            path = os.fspath(address)
             try:
                 sock.setblocking(False)
-                sock.connect(os.fspath(address))
+                try:
+                    sock.connect(path)
+                except OSError as err:
+                    raise naming_address(err, path) from None
                 transport, protocol = await loop.create_unix_connection(
                     stream_protocol, sock=sock, ssl=ssl)
             except BaseException:
@@ -801,6 +859,7 @@ class AsyncProtocol(Generic[T]):
             self._session_error = error
         if self._dc_task is not None:
             return
+        self._ended_by = error
         if isinstance(self._reader, LineReader):
             self._reader.stop_pushing()
         self._set_state(Runstate.DISCONNECTING)
@@ -843,6 +902,7 @@ class AsyncProtocol(Generic[T]):
         self._outgoing.clear()
         self._outgoing_ready = None
         self._accepted = None
+        self._ended_by = None
 
     async def _bh_disconnect(self) -> None:
         """

@@ -38,7 +38,7 @@ from .protocol import (
     AsyncProtocol,
     Runstate,
     SocketAddr,
-    peer_hung_up,
+    describe_end,
     raise_state_error,
     require,
 )
@@ -293,6 +293,11 @@ class QMPClient(AsyncProtocol[Message], Events):
     await_greeting = True
     #: Negotiate capabilities when connecting (False for qemu-ga).
     negotiate = True
+    #: Seconds to wait for the greeting once connected (None: no limit).
+    #: QEMU serves one client per monitor and greets the next only when
+    #: the current one leaves, so a silent server usually means that
+    #: another client holds the monitor: `GreetingError` says so.
+    greeting_timeout: float | None = 10.0
 
     def __init__(self, name: str | None = None,
                  readbuflen: int = DEFAULT_READBUFLEN) -> None:
@@ -645,10 +650,24 @@ class QMPClient(AsyncProtocol[Message], Events):
         self._answered = []
         self._abandoned = set()
         if self._expect_greeting:
-            self._greeting = await self._get_greeting()
+            self._greeting = await self._greeting_in_time()
         if self._expect_negotiation:
             await self._negotiate()
         await super()._establish_session()
+
+    async def _greeting_in_time(self) -> Message:
+        """Runs in the loop thread: `_get_greeting` within
+        `greeting_timeout`."""
+        limit = self.greeting_timeout
+        try:
+            return await asyncio.wait_for(self._get_greeting(), limit)
+        except asyncio.TimeoutError:
+            raise GreetingError(
+                f"the server accepted the connection but sent no greeting "
+                f"within {limit:g} s: another client probably holds this "
+                "monitor (QEMU serves one client per monitor, and greets "
+                "the next only when that one leaves); close it, or raise "
+                "greeting_timeout (None waits for ever)") from None
 
     async def _get_greeting(self) -> Message:
         """Runs in the loop thread: read and check the greeting. Events
@@ -815,14 +834,8 @@ class QMPClient(AsyncProtocol[Message], Events):
         every other command in flight with `ExecInterruptedError` at
         once."""
         self._deliver_answers()
-        if error is None:
-            reason = "the client disconnected"
-        elif isinstance(error, EOFError):
-            reason = "the server closed the connection"
-        elif peer_hung_up(error):
-            reason = f"the server closed the connection ({error})"
-        else:
-            reason = str(error) or type(error).__name__
+        reason = ("the client disconnected" if error is None
+                  else describe_end(error))
         pending, self._pending = self._pending, {}
         for sink, sent in pending.values():
             name = sent.get("execute") or sent.get("exec-oob")

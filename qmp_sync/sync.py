@@ -148,16 +148,26 @@ class QMPSyncClient:
         None (the default) keeps every event: nothing is ever lost, and
         a queued event costs some 1.3 KB for the first 10,000 and about
         twice its size on the wire after that.
-    :raise ValueError: When `max_queued_events` is not a positive int.
+    :param greeting_timeout: Seconds `connect` (and `accept`) wait for
+        the server's greeting once connected; None waits for ever. QEMU
+        greets a client only when the monitor's previous client has
+        left, so the `ConnectError` on a timeout says that another
+        client probably holds the monitor.
+    :raise ValueError: When `max_queued_events` is not a positive int,
+        or `greeting_timeout` is NaN or negative.
     """
 
     def __init__(self, address: SocketAddr | socket.socket | None = None,
                  *, name: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  readbuflen: int = DEFAULT_READBUFLEN,
-                 max_queued_events: int | None = None) -> None:
+                 max_queued_events: int | None = None,
+                 greeting_timeout: float | None = 10.0) -> None:
         self._address = address
         core = QMPClient(name, readbuflen)
+        core.greeting_timeout = timeout_seconds(greeting_timeout,
+                                                "greeting_timeout")
+        core.error_name = type(self).__name__
         self._events = BlockingListener(core, max_queued=max_queued_events)
         # Events go to our thread-safe queue instead; the async client's
         # default queue would only grow.
