@@ -12,7 +12,7 @@ README.rst has the tutorial.
 from .error import ProtocolError, QMPError
 from .events import EventListener
 from .message import Message
-from .protocol import ConnectError, Runstate, StateError
+from .protocol import ConnectError, Runstate, SocketAddrT, StateError
 from .qmp_client import ExecInterruptedError, ExecuteError, QMPClient
 from .sync import QMPSyncClient
 
@@ -27,5 +27,6 @@ __all__ = (
     "QMPError",
     "QMPSyncClient",
     "Runstate",
+    "SocketAddrT",
     "StateError",
 )

@@ -20,14 +20,27 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .error import QMPError
-from .protocol import Runstate, SocketAddr
+from .protocol import Runstate, SocketAddr, SocketAddrT
+from .qmp_client import QMPClient
 from .sync import QMPSyncClient
 from .util import timeout_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ("QEMUMonitorProtocol", "QMPBadPortError")
+# Every public name of qemu.qmp.legacy, so that changing the import is
+# the whole migration.
+__all__ = (
+    "QEMUMonitorProtocol",
+    "QMPBadPortError",
+    "QMPClient",
+    "QMPError",
+    "QMPMessage",
+    "QMPObject",
+    "QMPReturnValue",
+    "Runstate",
+    "SocketAddrT",
+)
 
 #: An entire QMP message of any kind, as a plain dict.
 QMPMessage = dict[str, Any]

@@ -58,6 +58,7 @@ __all__ = (
     "MessageTooLargeError",
     "Runstate",
     "SocketAddr",
+    "SocketAddrT",
     "StateError",
     "describe_end",
     "naming_address",
@@ -76,6 +77,8 @@ InternetAddr = tuple[str, int]
 UnixAddr = Union[str, "os.PathLike[str]"]
 #: Anything `AsyncProtocol.connect` and `start_server` take as an address.
 SocketAddr = Union[UnixAddr, InternetAddr]
+#: The same, under the name ``qemu.qmp`` gives it.
+SocketAddrT = SocketAddr
 
 
 class Runstate(enum.Enum):

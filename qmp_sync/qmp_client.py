@@ -46,15 +46,21 @@ from .protocol import (
 if TYPE_CHECKING:
     from ssl import SSLContext
 
+# Beside its own: the names users of qemu.qmp.qmp_client import from it.
 __all__ = (
+    "AsyncProtocol",
     "BadReplyError",
     "Command",
     "ExecInterruptedError",
     "ExecuteError",
     "GreetingError",
+    "Message",
     "NegotiationError",
+    "ProtocolError",
     "QMPClient",
+    "QMPError",
     "ReplySink",
+    "Runstate",
     "ServerParseError",
     "reply_message",
     "reply_value",
