@@ -135,6 +135,10 @@ class StateError(QMPError):
         #: The runstate the call needs.
         self.required = required
 
+    def __str__(self) -> str:
+        return (f"{self.error_message} (runstate {self.state.name}; this "
+                f"call needs {self.required.name})")
+
 
 class MessageTooLargeError(ProtocolError):
     """
@@ -151,13 +155,13 @@ class MessageTooLargeError(ProtocolError):
         self.limit = limit
 
 
+# The seeds' words, which QEMU's own tests compare.
 _STATE_WORDS = {
-    Runstate.IDLE: "not connected",
-    Runstate.CONNECTING: "still connecting",
-    Runstate.RUNNING: "already connected",
+    Runstate.IDLE: "is disconnected and idle.",
+    Runstate.CONNECTING: "is currently connecting.",
+    Runstate.RUNNING: "is already connected and running.",
     Runstate.DISCONNECTING: (
-        "disconnecting (the session has ended; call disconnect() to "
-        "return to IDLE)"),
+        "is disconnecting. Call disconnect() to return to IDLE state."),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -219,12 +223,8 @@ def raise_state_error(proto: AsyncProtocol[Any], required: Runstate,
         raise StateError(
             f"{name} lost its connection to the server: "
             f"{describe_end(lost)}; call close() (or disconnect()), then "
-            f"connect again (runstate {state.name}; this call needs "
-            f"{required.name})", state, required) from lost
-    raise StateError(
-        f"{name} is {_STATE_WORDS[state]} "
-        f"(runstate {state.name}); this call needs {required.name}",
-        state, required)
+            "connect again", state, required) from lost
+    raise StateError(f"{name} {_STATE_WORDS[state]}", state, required)
 
 
 # What a "HOST:PORT" string looks like (given where a path belongs).
@@ -324,10 +324,9 @@ class AsyncProtocol(Generic[T]):
 
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        # Messages waiting for the writer task, oldest first, and the
-        # future that wakes the writer when one is queued.
-        self._outgoing: collections.deque[T] = collections.deque()
-        self._outgoing_ready: asyncio.Future[None] | None = None
+        # Messages waiting for the writer task, oldest first; made for
+        # each session, in its loop.
+        self._outgoing: _Outgoing[T] | None = None
         # The loop of the current session; its objects belong to it.
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -431,7 +430,7 @@ class AsyncProtocol(Generic[T]):
         _check_address(address)
         if isinstance(address, socket.socket):
             raise TypeError("start_server() needs an address, not a socket")
-        emsg = "Failed to start listening"
+        emsg = "Failed to establish connection"
         await self._attempt(
             self._session_guard(self._do_start_server(address, ssl), emsg),
             emsg)
@@ -510,6 +509,13 @@ class AsyncProtocol(Generic[T]):
             attempt.cancel()
             await asyncio.wait((unwound,))
         if self._runstate is Runstate.IDLE:
+            if attempt is None:
+                # Superfluous: pass through DISCONNECTING anyway, as the
+                # seeds do, so that watchers of runstate_changed() see
+                # the disconnect happen.
+                self._set_state(Runstate.DISCONNECTING)
+                await asyncio.sleep(0)
+                self._end_superfluous_disconnect()
             return
         self.logger.debug("disconnect() called.")
         self._schedule_disconnect(None)
@@ -517,6 +523,13 @@ class AsyncProtocol(Generic[T]):
 
     # ------------------------------------------------------------------
     # Session machinery.
+
+    def _end_superfluous_disconnect(self) -> None:
+        """Runs in the loop thread: back to IDLE after the pass through
+        DISCONNECTING of a `disconnect()` made while IDLE, unless a
+        session has begun or ended meanwhile."""
+        if self._runstate is Runstate.DISCONNECTING and self._dc_task is None:
+            self._set_state(Runstate.IDLE)
 
     def _get_runstate_event(self) -> asyncio.Event:
         """
@@ -817,8 +830,7 @@ class AsyncProtocol(Generic[T]):
         with the tasks running.
         """
         assert self._runstate is Runstate.CONNECTING
-        self._outgoing.clear()
-        self._outgoing_ready = None
+        self._outgoing = _Outgoing()
         loop = asyncio.get_running_loop()
         self._session_loop = loop
         reader = self._reader
@@ -847,7 +859,8 @@ class AsyncProtocol(Generic[T]):
                 "loop this client connected in (from other threads, use "
                 "the blocking facade)")
 
-    def _schedule_disconnect(self, error: BaseException | None) -> None:
+    def _schedule_disconnect(self, error: BaseException | None = None
+                             ) -> None:
         """
         Runs in the loop thread: start tearing the session down, once.
 
@@ -902,8 +915,7 @@ class AsyncProtocol(Generic[T]):
         self._writer_task = None
         self._reader = None
         self._writer = None
-        self._outgoing.clear()
-        self._outgoing_ready = None
+        self._outgoing = None
         self._accepted = None
         self._ended_by = None
 
@@ -970,11 +982,8 @@ class AsyncProtocol(Generic[T]):
 
     async def _bh_send_message(self) -> None:
         """Runs in the writer task: write the next queued message."""
-        while not self._outgoing:
-            ready = asyncio.get_running_loop().create_future()
-            self._outgoing_ready = ready
-            await ready
-        await self._send(self._outgoing.popleft())
+        assert self._outgoing is not None
+        await self._send(await self._outgoing.get())
 
     # ------------------------------------------------------------------
     # Message I/O and the hooks for subclasses; all run in the loop thread.
@@ -989,8 +998,8 @@ class AsyncProtocol(Generic[T]):
         it once the buffer drains. A failure to write ends the session,
         exactly as in the writer task.
         """
-        assert self._writer is not None
-        if (not self._outgoing
+        assert self._writer is not None and self._outgoing is not None
+        if (self._outgoing.empty()
                 and not self._writer.transport.get_write_buffer_size()):
             try:
                 self._do_send(self._cb_outbound(msg))
@@ -998,12 +1007,7 @@ class AsyncProtocol(Generic[T]):
                 self.logger.info("Writing failed: %s", exception_summary(err))
                 self._schedule_disconnect(err)
             return
-        self._outgoing.append(msg)
-        ready = self._outgoing_ready
-        if ready is not None:
-            self._outgoing_ready = None
-            if not ready.done():
-                ready.set_result(None)
+        self._outgoing.put_nowait(msg)
 
     def _withdraw(self, msg: T) -> bool:
         """
@@ -1012,12 +1016,7 @@ class AsyncProtocol(Generic[T]):
         yet; True when it was withdrawn, False when it is written (or
         being written) already.
         """
-        outgoing = self._outgoing
-        for index, queued in enumerate(outgoing):
-            if queued is msg:
-                del outgoing[index]
-                return True
-        return False
+        return self._outgoing is not None and self._outgoing.withdraw(msg)
 
     async def _readline(self) -> bytes:
         """
@@ -1051,8 +1050,8 @@ class AsyncProtocol(Generic[T]):
         `_cb_outbound`, and wait while the stream is over its buffer
         limit."""
         self._do_send(self._cb_outbound(msg))
-        assert self._writer is not None
-        await self._writer.drain()
+        if self._writer is not None:
+            await self._writer.drain()
 
     async def _do_recv(self) -> T:
         """Hook, runs in the loop thread: read and return one message."""
@@ -1143,3 +1142,31 @@ class _LinePusher(PushTarget):
         else:
             proto.logger.info("Reader failed: %s", exception_summary(error))
         proto._schedule_disconnect(error)
+
+
+class _Outgoing(asyncio.Queue[T]):
+    """
+    Runs in the loop thread: the queue of messages for the writer task,
+    an ``asyncio.Queue`` (as the seeds have it: subclasses may ``await
+    self._outgoing.put(msg)``) from which a message not yet taken can
+    be withdrawn.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        # The hooks asyncio.Queue's own subclasses (LifoQueue,
+        # PriorityQueue) override; the base class reads _queue too.
+        self._queue: collections.deque[T] = collections.deque()
+
+    def _put(self, item: T) -> None:
+        self._queue.append(item)
+
+    def _get(self) -> T:
+        return self._queue.popleft()
+
+    def withdraw(self, item: T) -> bool:
+        """Take `item` (that very object) out; True if it was queued."""
+        for index, queued in enumerate(self._queue):
+            if queued is item:
+                del self._queue[index]
+                return True
+        return False

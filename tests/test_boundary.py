@@ -540,7 +540,7 @@ def test_state_errors_under_races_name_one_state(
     assert messages, "no call met the wrong state"
     for err in messages:
         assert err.state is not err.required, err
-        assert f"runstate {err.state.name})" in str(err), err
+        assert f"runstate {err.state.name};" in str(err), err
     client.close()
 
 

@@ -96,7 +96,7 @@ def test_calls_after_qemu_died_say_the_connection_was_lost(
         assert error.__cause__ is not None
     client.close()
     assert client.runstate is Runstate.IDLE
-    with pytest.raises(StateError, match="not connected"):
+    with pytest.raises(StateError, match="disconnected and idle"):
         client.execute("query-status")
 
 

@@ -193,7 +193,7 @@ async def test_wrong_state_calls(sock_path: str) -> None:
     with pytest.raises(StateError) as info:
         await proto.accept()
     assert info.value.state is IDLE and info.value.required is CONNECTING
-    assert "not connected" in str(info.value)
+    assert "disconnected and idle" in str(info.value)
 
     await proto.connect(sock_path)
     for call in (lambda: proto.connect(sock_path),

@@ -295,7 +295,7 @@ async def test_bad_arguments_send_nothing() -> None:
 async def test_execute_in_wrong_state() -> None:
     """execute() before connect is a StateError; so is send_fd_scm()."""
     client = QMPClient()
-    with pytest.raises(StateError, match="not connected") as info:
+    with pytest.raises(StateError, match="disconnected and idle") as info:
         await client.execute("query-status")
     assert info.value.required is Runstate.RUNNING
     with pytest.raises(StateError):

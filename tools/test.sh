@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Set up (tools/setup.sh) and run every check: mypy --strict (the
-# package and the benchmark), ruff, and the whole test suite against
-# real QEMU, twice: with the speed extra (uvloop, orjson) in .venv, and
-# without it in .venv-plain (the standard loop and json), under Python
-# 3.9 when one is on PATH (the oldest version setup.cfg promises).
-# Extra arguments go to pytest.
+# package and tools/), ruff, QEMU's own tests of the protocol core
+# (tools/qemu_protocol_tests.py downloads them), and the whole test
+# suite against real QEMU, twice: with the speed extra (uvloop, orjson)
+# in .venv, and without it in .venv-plain (the standard loop and json),
+# under Python 3.9 when one is on PATH (the oldest version setup.cfg
+# promises). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 
-echo "== mypy --strict qmp_sync tools/bench"
+echo "== mypy --strict qmp_sync tools"
 .venv/bin/mypy --strict qmp_sync
-.venv/bin/mypy --strict tools/bench
+.venv/bin/mypy --strict tools/bench tools/qemu_protocol_tests.py
 echo "== ruff check"
 .venv/bin/ruff check qmp_sync tests tools
 echo "== pytest (uvloop and orjson)"
 .venv/bin/python -c 'import orjson, uvloop'
 .venv/bin/pytest "$@"
+echo "== QEMU's own protocol-core tests (from the qemu.qmp sdist) on ours"
+.venv/bin/python tools/qemu_protocol_tests.py -q
 
 plain_python=python3
 for candidate in python3.9 \
