@@ -7,7 +7,10 @@ Run code written for QEMU's ``qemu.qmp`` package on qmp_sync, unchanged.
 tree of code that imports ``qemu.qmp`` in many files (QEMU's iotests,
 say) runs on qmp_sync without edits. It changes nothing else: the rest
 of the ``qemu`` namespace (``qemu.machine``, ``qemu.utils``) is still
-imported from wherever it lives.
+imported from wherever it lives, so QEMU's own machine layer runs on
+our ``qemu.qmp``; only where no ``qemu.machine`` can be found at all
+does ``qmp_sync.machine`` stand in for it (``QEMUMachine`` with the
+same names).
 
 As a command, ``python -m qmp_sync.compat SCRIPT [ARGS...]`` installs
 the switch and runs ``SCRIPT`` as ``__main__`` with ``ARGS``.
@@ -72,6 +75,12 @@ def install() -> None:
     for alias, target in ALIASES.items():
         sys.modules[alias] = importlib.import_module(target)
     qemu.qmp = sys.modules["qemu.qmp"]  # type: ignore[attr-defined]
+    if importlib.util.find_spec("qemu.machine") is None:
+        # No QEMU tree to take its machine layer from: ours stands in.
+        for alias in ("qemu.machine", "qemu.machine.machine"):
+            sys.modules[alias] = importlib.import_module("qmp_sync.machine")
+        qemu.machine = sys.modules[  # type: ignore[attr-defined]
+            "qemu.machine"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

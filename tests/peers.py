@@ -14,6 +14,8 @@ import concurrent.futures
 import contextlib
 import json
 import socket
+import sys
+import threading
 from typing import Any, ClassVar, Union
 
 from qmp_sync.message import Message
@@ -282,3 +284,26 @@ def peer_client(peer: BlockingPeer,
     peer.handshake()
     opening.result(BlockingPeer.TIMEOUT)
     return client
+
+
+def blocked_in_call(future: concurrent.futures.Future[object],
+                    caller: str = "block_on") -> None:
+    """
+    Wait (bounded) until the pool thread running `future` is blocked in
+    a ``wait`` called (at some depth) from `caller`: by default, waiting
+    for the loop thread in the hand-off's lock.
+    """
+    deadline = BlockingPeer.TIMEOUT
+    event = threading.Event()
+    while deadline > 0:
+        assert not future.done(), future.exception()
+        for frame in sys._current_frames().values():
+            names = []
+            while frame is not None:
+                names.append(frame.f_code.co_name)
+                frame = frame.f_back  # type: ignore[assignment]
+            if names and names[0] == "wait" and caller in names:
+                return
+        event.wait(0.005)  # polling a condition, not a delay
+        deadline -= 0.005
+    raise AssertionError("the call never blocked")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU
-from peers import BlockingPeer, peer_client
+from peers import BlockingPeer, blocked_in_call, peer_client
 
 from qmp_sync import (
     ConnectError,
@@ -50,29 +50,6 @@ def connected(path: str) -> QMPSyncClient:
     client = QMPSyncClient(path)
     client.connect(timeout=BOUND)
     return client
-
-
-def blocked_in_call(future: concurrent.futures.Future[object],
-                    caller: str = "block_on") -> None:
-    """
-    Wait (bounded) until the pool thread running `future` is blocked in
-    a ``wait`` called (at some depth) from `caller`: by default, waiting
-    for the loop thread in the hand-off's lock.
-    """
-    deadline = BOUND
-    event = threading.Event()
-    while deadline > 0:
-        assert not future.done(), future.exception()
-        for frame in sys._current_frames().values():
-            names = []
-            while frame is not None:
-                names.append(frame.f_code.co_name)
-                frame = frame.f_back  # type: ignore[assignment]
-            if names and names[0] == "wait" and caller in names:
-                return
-        event.wait(0.005)  # polling a condition, not a delay
-        deadline -= 0.005
-    raise AssertionError("the call never blocked")
 
 
 def running(path: str) -> bool:

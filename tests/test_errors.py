@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU
+from peers import blocked_in_call
 
 from qmp_sync import (
     ConnectError,
@@ -108,6 +109,10 @@ def test_command_in_flight_when_qemu_dies(qemu: QEMU) -> None:
     os.kill(qemu.proc.pid, signal.SIGSTOP)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.execute, "query-status", timeout=BOUND)
+        blocked_in_call(running)  # type: ignore[arg-type]
+        # A barrier: the loop runs this after it has sent the command.
+        with client.listen():
+            pass
         os.kill(qemu.proc.pid, signal.SIGKILL)
         with pytest.raises(ExecInterruptedError) as info:
             running.result(BOUND)

@@ -1,0 +1,229 @@
+"""
+`qmp_sync.machine.QEMUMachine` against real QEMU: launch and shutdown
+in every way, failures at launch, an iotests-style block job, and a
+script written for QEMU's own ``QEMUMachine`` run unchanged through
+``qmp_sync.compat``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import qemu_binary
+
+from qmp_sync import ExecuteError
+from qmp_sync.machine import AbnormalShutdown, QEMUMachine, VMLaunchFailure
+
+BOUND = 10.0
+GUESTLESS = ("-machine", "none", "-nodefaults")
+
+
+def gone(pid: int) -> bool:
+    """True when no process has this pid any more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def machine(tmp_path: Path, *args: str) -> QEMUMachine:
+    return QEMUMachine(qemu_binary(), args=[*GUESTLESS, *args],
+                       base_temp_dir=str(tmp_path))
+
+
+def test_launch_query_and_graceful_shutdown(tmp_path: Path) -> None:
+    """launch() connects the monitor; qmp() returns the whole reply,
+    cmd() the value; shutdown() quits QEMU (status 0), reaps it, and
+    removes its temporary directory; the log stays readable."""
+    vm = machine(tmp_path)
+    vm.launch()
+    pid = vm.get_pid()
+    assert pid is not None and vm.is_running()
+    temp_dir = vm.temp_dir
+    assert os.path.isdir(temp_dir)
+    assert vm.qmp("query-status")["return"]["running"] is True
+    assert vm.cmd("query-status")["status"] == "running"  # type: ignore
+    with pytest.raises(ExecuteError) as info:
+        vm.cmd("no-such-command")
+    assert info.value.error_class == "CommandNotFound"
+    reply = vm.qmp("no-such-command")
+    assert reply["error"]["class"] == "CommandNotFound"
+    vm.shutdown()
+    assert vm.exitcode() == 0
+    assert not vm.is_running() and vm.get_pid() is None
+    assert gone(pid)
+    assert not os.path.exists(temp_dir)
+    assert vm.get_log() is not None
+    vm.shutdown()  # again: nothing to do
+
+
+def test_hard_shutdown_and_context_manager(tmp_path: Path) -> None:
+    """kill() stops QEMU with SIGTERM and raises nothing; leaving the
+    with block shuts down too; six launches leave no process and no
+    file."""
+    pids = []
+    for _ in range(5):
+        with machine(tmp_path) as vm:
+            vm.launch()
+            pids.append(vm.get_pid())
+        assert vm.exitcode() == 0
+    vm = machine(tmp_path)
+    vm.launch()
+    pids.append(vm.get_pid())
+    vm.kill()
+    # QEMU handles SIGTERM: it says so and exits 0.
+    assert vm.exitcode() == 0
+    assert "terminating on signal 15" in (vm.get_log() or "")
+    assert all(pid is not None and gone(pid) for pid in pids)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_qemu_killed_from_outside(tmp_path: Path) -> None:
+    """After an external SIGKILL, a waiting event_wait fails, and
+    shutdown() reaps QEMU and raises AbnormalShutdown naming the
+    status."""
+    vm = machine(tmp_path)
+    vm.launch()
+    pid = vm.get_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(AbnormalShutdown, match="-9"):
+        vm.shutdown()
+    assert vm.exitcode() == -signal.SIGKILL
+    assert gone(pid)
+
+
+def test_refused_argument_is_a_launch_failure(tmp_path: Path) -> None:
+    """An argument QEMU refuses is a VMLaunchFailure from launch(),
+    carrying the exit status and what QEMU said; nothing is left."""
+    vm = machine(tmp_path, "-no-such-option")
+    with pytest.raises(VMLaunchFailure) as info:
+        vm.launch()
+    assert info.value.exitcode == 1
+    assert "no-such-option" in info.value.output
+    assert "no-such-option" in str(info.value)
+    assert not vm.is_running()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_binary_is_a_launch_failure(tmp_path: Path) -> None:
+    vm = QEMUMachine(str(tmp_path / "no-qemu"), base_temp_dir=str(tmp_path))
+    with pytest.raises(VMLaunchFailure) as info:
+        vm.launch()
+    assert info.value.exitcode is None
+
+
+def test_iotests_style_block_job(tmp_path: Path) -> None:
+    """A mirror job between two null-co nodes, waited for with
+    event_wait(match=...), as iotests do; events for other jobs stay
+    queued."""
+    with machine(tmp_path) as vm:
+        vm.launch()
+        for node in ("src", "tgt"):
+            vm.cmd("blockdev-add", driver="null-co", node_name=node,
+                   size=1 << 20)
+        vm.cmd("blockdev-mirror", job_id="job0", device="src",
+               target="tgt", sync="full")
+        ready = vm.event_wait("BLOCK_JOB_READY",
+                              match={"data": {"device": "job0"}},
+                              timeout=BOUND)
+        assert ready is not None and ready["data"]["device"] == "job0"
+        vm.cmd("block-job-complete", device="job0")
+        done = vm.event_wait("BLOCK_JOB_COMPLETED",
+                             match={"data": {"device": "job0"}},
+                             timeout=BOUND)
+        assert done is not None and "error" not in done["data"]
+        assert vm.event_wait("NEVER", timeout=0) is None
+        names = {event["event"] for event in vm.get_qmp_events()}
+        assert "JOB_STATUS_CHANGE" in names
+
+
+# Written for QEMU's in-tree qemu.machine.QEMUMachine (and qemu.qmp), as
+# an iotest would use it; nothing of qmp_sync is named.
+MACHINE_SCRIPT = '''
+import sys
+
+from qemu.machine import QEMUMachine
+from qemu.qmp import ExecuteError
+
+vm = QEMUMachine(sys.argv[1], base_temp_dir=sys.argv[2])
+vm.add_args("-machine", "none", "-nodefaults")
+vm.launch()
+result = vm.qmp("query-status")
+assert result["return"]["running"] is True, result
+vm.qmp("stop")
+event = vm.event_wait("STOP", timeout=10)
+assert event is not None and event["event"] == "STOP", event
+vm.cmd("cont")
+try:
+    vm.cmd("no-such-command")
+except ExecuteError:
+    pass
+else:
+    raise AssertionError("no ExecuteError")
+vm.shutdown()
+assert vm.exitcode() == 0, vm.exitcode()
+print("MACHINE OK")
+'''
+
+
+def test_script_for_qemus_machine_runs_through_compat(tmp_path: Path) -> None:
+    """A script written against QEMU's QEMUMachine API runs unchanged
+    with ``python -m qmp_sync.compat`` (no QEMU tree here, so
+    qmp_sync.machine stands in for qemu.machine)."""
+    script = tmp_path / "iotest_like.py"
+    script.write_text(MACHINE_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-m", "qmp_sync.compat", str(script),
+         qemu_binary(), str(work)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["MACHINE", "OK"]
+    assert list(work.iterdir()) == []
+
+
+def test_ctrl_c_during_launch_leaves_no_qemu(tmp_path: Path) -> None:
+    """Ctrl-C while launch() waits for the monitor (QEMU held back by a
+    wrapper) ends the program with KeyboardInterrupt and leaves neither
+    the wrapper nor QEMU running."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", f'''
+import signal
+from qmp_sync.machine import QEMUMachine
+signal.signal(signal.SIGINT, signal.default_int_handler)
+vm = QEMUMachine({qemu_binary()!r}, args=["-machine", "none"],
+                 wrapper=["sh", "-c", 'sleep 30; exec "$@"', "sh"],
+                 base_temp_dir={str(tmp_path)!r})
+vm.launch()
+'''], stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{child.pid}/task/{child.pid}/children")
+    launched: list[int] = []
+    for _ in range(int(BOUND / 0.01)):
+        launched = [int(pid) for pid in children.read_text().split()]
+        if launched:
+            break
+        subprocess.run(["sleep", "0.01"], check=True)  # polling, bounded
+    assert launched, "the child never started its QEMU"
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=BOUND * 2)
+    assert "KeyboardInterrupt" in stderr
+    # The wrapper, and its own child (sleep) with its process group, are
+    # gone once the kernel has reaped them (polled, bounded).
+    for _ in range(int(BOUND / 0.01)):
+        leftover = subprocess.run(["pgrep", "-g", str(launched[0])],
+                                  capture_output=True, text=True,
+                                  check=False).stdout
+        if not leftover and all(gone(pid) for pid in launched):
+            break
+        subprocess.run(["sleep", "0.01"], check=True)
+    assert leftover == "", leftover
+    assert all(gone(pid) for pid in launched)
+    assert list(tmp_path.iterdir()) == []
