@@ -10,7 +10,7 @@ import qmp_sync
 # Bottom first, as API.md lists them.
 LAYERS = ["error", "util", "_linereader", "protocol", "message", "events",
           "qmp_client", "_loop", "_event_queue", "sync", "legacy", "machine",
-          "compat", "shell"]
+          "testing", "compat", "shell"]
 # The shell package's own modules, bottom first.
 SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
 # The calls that cross into the loop from another thread: only the
