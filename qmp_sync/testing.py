@@ -17,6 +17,22 @@ nothing until a test asks for one of its fixtures.
 Every test using the fixture gets the ``qemu`` marker, so ``pytest -m
 "not qemu"`` leaves them out.
 
+``fake_qmp_server``
+    A running `qmp_sync.fake_server.FakeQMPServer` for unit tests of
+    code that talks QMP, closed at teardown: connect to its ``address``;
+    script it with ``reply(command, value)`` (or ``error={"class": ...,
+    "desc": ...}``, or a function of the arguments), ``emit(event,
+    data)`` and ``fault(command, kind)``; read what it got in
+    ``received``. No QEMU needed. For example::
+
+        def test_my_tool(fake_qmp_server):
+            fake_qmp_server.reply("query-status", {"running": True})
+            with QMPSyncClient(fake_qmp_server.address) as client:
+                client.connect()
+                assert my_tool_is_running(client)
+            assert [c["execute"] for c in fake_qmp_server.received] == [
+                "qmp_capabilities", "query-status"]
+
 Threads: fixtures run in pytest's thread.
 """
 
@@ -29,9 +45,10 @@ from typing import Any, Callable
 
 import pytest
 
+from .fake_server import FakeQMPServer
 from .machine import QEMUMachine
 
-__all__ = ("GUESTLESS_ARGS", "qemu_machine")
+__all__ = ("GUESTLESS_ARGS", "fake_qmp_server", "qemu_machine")
 
 #: The arguments of a guest-less QEMU.
 GUESTLESS_ARGS = ("-machine", "none", "-nodefaults")
@@ -101,3 +118,11 @@ def qemu_machine(request: pytest.FixtureRequest,
     yield launch
     for vm in machines:
         vm.kill()
+
+
+@pytest.fixture
+def fake_qmp_server() -> Iterator[FakeQMPServer]:
+    """A running fake QMP server, closed at teardown (see the module
+    docstring)."""
+    with FakeQMPServer() as server:
+        yield server

@@ -10,16 +10,17 @@ import qmp_sync
 # Bottom first, as API.md lists them.
 LAYERS = ["error", "util", "_linereader", "protocol", "message", "events",
           "qmp_client", "_loop", "_event_queue", "sync", "legacy", "machine",
-          "testing", "compat", "shell"]
+          "fake_server", "testing", "compat", "shell"]
 # The shell package's own modules, bottom first.
 SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
 # The calls that cross into the loop from another thread: only the
 # crossing module may make them.
 CROSSING = ("call_soon_threadsafe", "run_coroutine_threadsafe",
             "register_at_fork")
-# Starting a thread: the loop thread, and the shell's event pump (a
-# caller of the blocking client like any other).
-STARTS_THREADS = {"_loop.py", "console.py"}
+# Starting a thread: the loop thread, the shell's event pump (a caller
+# of the blocking client like any other), and the fake server's
+# threads (a peer for tests, not part of any client).
+STARTS_THREADS = {"_loop.py", "console.py", "fake_server.py"}
 
 PACKAGE = Path(qmp_sync.__file__).parent
 # The package's own private modules: internal layers, importable inside
@@ -98,8 +99,8 @@ def test_no_qemu_library_import() -> None:
 
 def test_one_module_crosses_threads() -> None:
     """Only qmp_sync/_loop.py schedules work into the loop from another
-    thread; threads are started only there and by the shell's event
-    pump."""
+    thread; threads are started only there, by the shell's event pump
+    and by the fake server for tests."""
     for path in PACKAGE.glob("**/*.py"):
         text = path.read_text()
         if path.name != "_loop.py":

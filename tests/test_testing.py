@@ -61,3 +61,84 @@ def test_missing_qemu_skips_or_fails(pytester: pytest.Pytester) -> None:
                      "qmp_sync_require_qemu = true\n")
     failed = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     failed.assert_outcomes(errors=3)
+
+
+FAKE_USER_TESTS = '''
+import pytest
+from qmp_sync import ExecuteError, ExecInterruptedError, QMPSyncClient
+
+
+def test_replies_events_and_received(fake_qmp_server):
+    fake_qmp_server.reply("query-status", {"running": True})
+    fake_qmp_server.reply("add", lambda args: args["a"] + args["b"])
+    fake_qmp_server.reply("broken", error={"class": "GenericError",
+                                          "desc": "it broke"})
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(timeout=10)
+        assert client.execute("query-status") == {"running": True}
+        assert client.execute("add", {"a": 2, "b": 3}) == 5
+        with pytest.raises(ExecuteError, match="it broke"):
+            client.execute("broken")
+        with pytest.raises(ExecuteError, match="has not been found"):
+            client.execute("unknown")
+        fake_qmp_server.emit("STOP")
+        assert client.event_wait("STOP", timeout=10)["event"] == "STOP"
+    assert [c["execute"] for c in fake_qmp_server.received] == [
+        "qmp_capabilities", "query-status", "add", "broken", "unknown"]
+
+
+@pytest.mark.parametrize("kind", ["hang-up", "garbage", "partial"])
+def test_faults_end_the_session(fake_qmp_server, kind):
+    fake_qmp_server.fault("query-status", kind)
+    client = QMPSyncClient(fake_qmp_server.address)
+    client.connect(timeout=10)
+    with pytest.raises(ExecInterruptedError):
+        client.execute("query-status", timeout=10)
+    try:
+        client.close()
+    except Exception:
+        pass
+
+
+def test_stall_is_a_timeout(fake_qmp_server):
+    fake_qmp_server.fault("query-status", "stall")
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(timeout=10)
+        with pytest.raises(TimeoutError):
+            client.execute("query-status", timeout=0.2)
+
+
+def test_oversized_line_is_over_the_limit(fake_qmp_server):
+    fake_qmp_server.fault("query-status", "oversized")
+    client = QMPSyncClient(fake_qmp_server.address)
+    client.connect(timeout=10)
+    with pytest.raises(ExecInterruptedError, match="read limit"):
+        client.execute("query-status", timeout=10)
+    with pytest.raises(Exception, match="read limit"):
+        client.close()
+
+
+def test_no_greeting_as_qemu_ga(fake_qmp_server):
+    fake_qmp_server.greeting = None
+    fake_qmp_server.reply("guest-ping")
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(negotiate=False, timeout=10)
+        assert client.execute("guest-ping") == {}
+'''
+
+
+def test_fake_qmp_server_fixture(pytester: pytest.Pytester) -> None:
+    """A user's unit tests drive the fake server: canned values, errors
+    and functions, events on demand, what it received, each fault, and
+    a greeting-less (qemu-ga style) server; no QEMU involved."""
+    pytester.makepyfile(FAKE_USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           "-m", "not qemu")
+    result.assert_outcomes(passed=7)
+
+
+def test_fake_server_refuses_unknown_faults() -> None:
+    from qmp_sync.fake_server import FakeQMPServer
+    with FakeQMPServer() as server, pytest.raises(ValueError,
+                                                  match="unknown fault"):
+        server.fault("x", "explode")
