@@ -118,17 +118,14 @@ class LineReader(asyncio.StreamReader):
         if target is None:
             self._wake()
             return
-        self._target = None
-        self._done_pushing = True
         rest = bytes(self._pending)
-        self._pending.clear()
+        error = self._end
         if rest:
             try:
                 target.line_received(rest)
             except Exception as err:
-                target.push_failed(err)
-                return
-        target.push_failed(self._end)
+                error = err
+        self._fail(target, error)
 
     def _wake(self) -> None:
         waiter = self._line_waiter

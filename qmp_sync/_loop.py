@@ -37,8 +37,7 @@ from functools import partial
 from typing import Any, Callable, Generic, TypeVar
 
 from .error import QMPError
-from .protocol import AsyncProtocol, Runstate
-from .util import exception_summary
+from .protocol import AsyncProtocol, Runstate, disconnect_quietly
 
 __all__ = (
     "SIGNAL_POLL",
@@ -46,7 +45,6 @@ __all__ = (
     "Handoff",
     "LoopThread",
     "Starter",
-    "disconnect_quietly",
     "end_daemon_thread_at_exit",
 )
 
@@ -310,19 +308,6 @@ class LoopThread:
                  for client in open_clients],
                 timeout=_EXIT_GRACE)
         self.loop.stop()
-
-
-async def disconnect_quietly(client: AsyncProtocol[Any]) -> None:
-    """
-    Runs in the loop thread: end `client`'s session, if any, logging
-    (not raising) the failure that ended it: for sessions whose owner
-    is gone (a client dropped without ``close()``, or open at exit).
-    """
-    try:
-        await client.disconnect()
-    except Exception as err:
-        logger.debug("Session of %r ended with: %s", client,
-                     exception_summary(err))
 
 
 _exiting = False

@@ -61,6 +61,7 @@ __all__ = (
     "SocketAddrT",
     "StateError",
     "describe_end",
+    "disconnect_quietly",
     "naming_address",
     "peer_hung_up",
     "require",
@@ -247,6 +248,20 @@ def naming_address(error: OSError, address: str) -> OSError:
         words += (" (that looks like HOST:PORT: for TCP, pass "
                   f"{(host.strip('[]'), int(port))!r})")
     return type(error)(error.errno, words, address)
+
+
+async def disconnect_quietly(proto: AsyncProtocol[Any]) -> None:
+    """
+    Runs in the loop thread: `AsyncProtocol.disconnect`, logging (to
+    the protocol's logger) instead of raising the failure it re-raises:
+    for a half-built session torn down after a first error (the caller
+    needs that one, not this), or a session whose owner is gone.
+    """
+    try:
+        await proto.disconnect()
+    except Exception as err:
+        proto.logger.debug("disconnect() ended with: %s",
+                           exception_summary(err))
 
 
 def describe_end(error: BaseException) -> str:
@@ -597,7 +612,7 @@ class AsyncProtocol(Generic[T]):
                 # be left with a session it thinks failed.
                 if ((caller_cancelled or attempt.cancelled())
                         and self._runstate is not Runstate.IDLE):
-                    await self._reset_quietly()
+                    await disconnect_quietly(self)
         finally:
             self._attempt_task = self._attempt_unwound = None
             unwound.set_result(None)
@@ -651,22 +666,10 @@ class AsyncProtocol(Generic[T]):
             await coro
         except BaseException as err:
             self.logger.debug("%s: %s", emsg, exception_summary(err))
-            await self._reset_quietly()
+            await disconnect_quietly(self)
             if isinstance(err, Exception):
                 raise ConnectError(emsg, err) from err
             raise
-
-    async def _reset_quietly(self) -> None:
-        """Runs in the loop thread: tear the session (or a half-built
-        one) down to IDLE, logging errors from the teardown instead of
-        raising them."""
-        try:
-            await self.disconnect()
-        except Exception as err:
-            # A half-built session can fail again while it is torn down;
-            # the caller needs the first error, not this one.
-            self.logger.debug("Ignoring error from cleanup: %s",
-                              exception_summary(err))
 
     async def _connect_retrying(self, address: SocketAddr | socket.socket,
                                 ssl: SSLContext | None,
@@ -836,9 +839,9 @@ class AsyncProtocol(Generic[T]):
         reader = self._reader
         if not isinstance(reader, LineReader):
             self._reader_task = loop.create_task(
-                self._bh_loop(self._bh_recv_message, "Reader"))
+                self._bh_loop(self._bh_recv_message, "Reader task"))
         self._writer_task = loop.create_task(
-            self._bh_loop(self._bh_send_message, "Writer"))
+            self._bh_loop(self._bh_send_message, "Writer task"))
         self._set_state(Runstate.RUNNING)
         if isinstance(reader, LineReader):
             reader.push_to(_LinePusher(self))
@@ -967,13 +970,20 @@ class AsyncProtocol(Generic[T]):
                 await step()
         except asyncio.CancelledError:
             self.logger.debug("%s task cancelled.", role)
-        except EOFError as eof:
-            self.logger.debug("%s task: the peer closed the connection.", role)
-            self._schedule_disconnect(eof)
         except Exception as err:
-            self.logger.info("%s task failed: %s", role,
-                             exception_summary(err))
-            self._schedule_disconnect(err)
+            self._bottom_half_ended(role, err)
+
+    def _bottom_half_ended(self, role: str, error: BaseException) -> None:
+        """
+        Runs in the loop thread: the reader (task or push reader) or the
+        writer task stopped on `error` (`EOFError` when the peer closed
+        the stream); log it and end the session with it.
+        """
+        if isinstance(error, EOFError):
+            self.logger.debug("%s: the peer closed the connection.", role)
+        else:
+            self.logger.info("%s failed: %s", role, exception_summary(error))
+        self._schedule_disconnect(error)
 
     async def _bh_recv_message(self) -> None:
         """Runs in the reader task: read one message and handle it."""
@@ -1137,11 +1147,7 @@ class _LinePusher(PushTarget):
         proto = self._proto
         if isinstance(error, LineTooLong):
             error = MessageTooLargeError(proto.readbuflen)
-        if isinstance(error, EOFError):
-            proto.logger.debug("Reader: the peer closed the connection.")
-        else:
-            proto.logger.info("Reader failed: %s", exception_summary(error))
-        proto._schedule_disconnect(error)
+        proto._bottom_half_ended("Reader", error)
 
 
 class _Outgoing(asyncio.Queue[T]):
@@ -1152,16 +1158,9 @@ class _Outgoing(asyncio.Queue[T]):
     be withdrawn.
     """
 
-    def _init(self, maxsize: int) -> None:
-        # The hooks asyncio.Queue's own subclasses (LifoQueue,
-        # PriorityQueue) override; the base class reads _queue too.
-        self._queue: collections.deque[T] = collections.deque()
-
-    def _put(self, item: T) -> None:
-        self._queue.append(item)
-
-    def _get(self) -> T:
-        return self._queue.popleft()
+    # asyncio.Queue keeps its items in the deque ``_queue`` (which its
+    # own subclasses, LifoQueue and PriorityQueue, replace).
+    _queue: collections.deque[T]
 
     def withdraw(self, item: T) -> bool:
         """Take `item` (that very object) out; True if it was queued."""

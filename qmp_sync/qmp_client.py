@@ -198,6 +198,21 @@ class Command(Message):
     #: True when the id is the caller's own (it stays in the reply).
     own_id: bool
 
+    @classmethod
+    def made(cls, data: dict[str, object], wire: bytes, name: str,
+             oob: bool, key: object, *, own_id: bool) -> Command:
+        """Any thread: a command of `data` (adopted, with its id) whose
+        wire form is `wire`; for `QMPClient` to build, after its
+        checks."""
+        command = cls.__new__(cls)
+        command.data = data
+        command.wire = wire
+        command.name = name
+        command.oob = oob
+        command.key = key
+        command.own_id = own_id
+        return command
+
     def __bytes__(self) -> bytes:
         return self.wire[:-1]
 
@@ -379,17 +394,11 @@ class QMPClient(AsyncProtocol[Message], Events):
         # would write, at a fraction of the cost.
         key = f"{_ID_PREFIX}{next(self._ids)}"
         data["id"] = key
-        command = Command.__new__(Command)
-        command.data = data
-        command.wire = b"".join((
+        wire = b"".join((
             b'{"exec-oob":' if oob else b'{"execute":',
             _json_string(cmd).encode("ascii"), b',"id":',
             _json_string(key).encode("ascii"), b"}\n"))
-        command.name = cmd
-        command.oob = oob
-        command.key = key
-        command.own_id = False
-        return command
+        return Command.made(data, wire, cmd, oob, key, own_id=False)
 
     def command_from(self, msg: Mapping[str, object]) -> Command:
         """
@@ -429,14 +438,8 @@ class QMPClient(AsyncProtocol[Message], Events):
             data["id"] = key
         else:
             key = own_id
-        command = Command.__new__(Command)
-        command.data = data
-        command.wire = encode(data) + b"\n"
-        command.name = name
-        command.oob = oob
-        command.key = key
-        command.own_id = own_id is not None
-        return command
+        return Command.made(data, encode(data) + b"\n", name, oob, key,
+                            own_id=own_id is not None)
 
     async def execute(self, cmd: str,
                       arguments: Mapping[str, object] | None = None,
@@ -830,9 +833,8 @@ class QMPClient(AsyncProtocol[Message], Events):
     def _deliver_answers(self) -> None:
         """Runs in the loop thread: hand the replies routed so far to
         their callers."""
-        answered = self._answered
-        while answered:
-            sink, exchange = answered.pop(0)
+        answered, self._answered = self._answered, []
+        for sink, exchange in answered:
             sink.set_result(exchange)
 
     def _on_session_end(self, error: BaseException | None) -> None:
