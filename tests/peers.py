@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -307,3 +308,19 @@ def blocked_in_call(future: concurrent.futures.Future[object],
         event.wait(0.005)  # polling a condition, not a delay
         deadline -= 0.005
     raise AssertionError("the call never blocked")
+
+
+def qemu_client(path: str) -> QMPSyncClient:
+    """A `QMPSyncClient` connected to the QEMU monitor at `path`."""
+    client = QMPSyncClient(path)
+    client.connect(timeout=BlockingPeer.TIMEOUT)
+    return client
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process (a zombie included) has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU
-from peers import BlockingPeer, blocked_in_call, peer_client
+from peers import BlockingPeer, blocked_in_call, peer_client, qemu_client
 
 from qmp_sync import (
     ConnectError,
@@ -46,15 +46,9 @@ from qmp_sync.qmp_client import ServerParseError
 BOUND = 10.0
 
 
-def connected(path: str) -> QMPSyncClient:
-    client = QMPSyncClient(path)
-    client.connect(timeout=BOUND)
-    return client
-
-
 def running(path: str) -> bool:
     """Whether QEMU's VM is running, asked on a connection of its own."""
-    with connected(path) as client:
+    with qemu_client(path) as client:
         status = client.execute("query-status", timeout=BOUND)
     assert isinstance(status, dict)
     return bool(status["running"])
@@ -70,7 +64,7 @@ def test_nan_timeouts_are_value_errors_and_send_nothing(qemu: QEMU) -> None:
     """NaN as a timeout or wait is a ValueError at once (it used to spin
     a core forever, or time out after sending): QEMU never sees the
     command."""
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         with pytest.raises(ValueError, match="NaN"):
             client.execute("stop", timeout=NAN)
         with pytest.raises(ValueError, match="NaN"):
@@ -126,7 +120,7 @@ def test_huge_timeouts_mean_no_limit(
     """Infinity and values beyond what the platform can wait mean "no
     limit", for commands and for waits that really wait (1e300 used to
     be an OverflowError)."""
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         for wait in (client.pull_event, client.get_events):
             waiting = pool.submit(wait, huge)
             blocked_in_call(waiting, "take")  # type: ignore[arg-type]
@@ -225,7 +219,7 @@ def test_stopped_qemu_runs_only_what_was_written(qemu: QEMU) -> None:
     been written are never run after SIGCONT (they all used to be)."""
     count = 300
     filler = "s" * 4000
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         os.kill(qemu.proc.pid, signal.SIGSTOP)
         try:
             for number in range(count):
@@ -312,7 +306,7 @@ def test_close_is_prompt_with_unwritten_data(
     close() drops the unwritten data and returns at once (it used to
     take the whole 5 s close timeout); the command in flight ends with
     ExecInterruptedError."""
-    client = connected(qemu.path)
+    client = qemu_client(qemu.path)
     os.kill(qemu.proc.pid, signal.SIGSTOP)
     try:
         sending = pool.submit(client.execute, "object-add", {
@@ -357,7 +351,7 @@ def test_deeply_nested_arguments_are_value_errors(qemu: QEMU) -> None:
     deep: object = "bottom"
     for _ in range(100_000):
         deep = [deep]
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         with pytest.raises(ValueError, match="nested too deeply"):
             client.execute("stop", {"a": deep})
         with pytest.raises(ValueError, match="nested too deeply"):
@@ -368,7 +362,7 @@ def test_deeply_nested_arguments_are_value_errors(qemu: QEMU) -> None:
 def test_non_string_keys_at_any_depth_are_type_errors(qemu: QEMU) -> None:
     """A key that is not a string, at any depth, is a TypeError before
     sending ({"a": {1: "/"}} used to go out as {"a": {"1": "/"}})."""
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         for arguments in ({"a": {1: "/"}}, {"a": [{"b": {(1, 2): 0}}]},
                           {"a": {None: 1}}):
             with pytest.raises(TypeError, match="keys must be str"):
@@ -379,7 +373,7 @@ def test_non_string_keys_at_any_depth_are_type_errors(qemu: QEMU) -> None:
 def test_match_that_cannot_match_is_a_type_error(qemu: QEMU) -> None:
     """event_wait(match=5) is a TypeError at once, not a silent wait
     for the whole timeout."""
-    with connected(qemu.path) as client:
+    with qemu_client(qemu.path) as client:
         with pytest.raises(TypeError, match="mapping or None"):
             client.event_wait("STOP", timeout=60, match=5)  # type: ignore
         with pytest.raises(TypeError, match="mapping or None"):

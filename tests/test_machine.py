@@ -15,21 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import qemu_binary
+from peers import pid_exists
 
 from qmp_sync import ExecuteError
 from qmp_sync.machine import AbnormalShutdown, QEMUMachine, VMLaunchFailure
 
 BOUND = 10.0
 GUESTLESS = ("-machine", "none", "-nodefaults")
-
-
-def gone(pid: int) -> bool:
-    """True when no process has this pid any more."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def machine(tmp_path: Path, *args: str) -> QEMUMachine:
@@ -57,7 +49,7 @@ def test_launch_query_and_graceful_shutdown(tmp_path: Path) -> None:
     vm.shutdown()
     assert vm.exitcode() == 0
     assert not vm.is_running() and vm.get_pid() is None
-    assert gone(pid)
+    assert not pid_exists(pid)
     assert not os.path.exists(temp_dir)
     assert vm.get_log() is not None
     vm.shutdown()  # again: nothing to do
@@ -80,7 +72,7 @@ def test_hard_shutdown_and_context_manager(tmp_path: Path) -> None:
     # QEMU handles SIGTERM: it says so and exits 0.
     assert vm.exitcode() == 0
     assert "terminating on signal 15" in (vm.get_log() or "")
-    assert all(pid is not None and gone(pid) for pid in pids)
+    assert all(pid is not None and not pid_exists(pid) for pid in pids)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,7 +88,7 @@ def test_qemu_killed_from_outside(tmp_path: Path) -> None:
     with pytest.raises(AbnormalShutdown, match="-9"):
         vm.shutdown()
     assert vm.exitcode() == -signal.SIGKILL
-    assert gone(pid)
+    assert not pid_exists(pid)
 
 
 def test_refused_argument_is_a_launch_failure(tmp_path: Path) -> None:
@@ -221,9 +213,9 @@ vm.launch()
         leftover = subprocess.run(["pgrep", "-g", str(launched[0])],
                                   capture_output=True, text=True,
                                   check=False).stdout
-        if not leftover and all(gone(pid) for pid in launched):
+        if not leftover and all(not pid_exists(pid) for pid in launched):
             break
         subprocess.run(["sleep", "0.01"], check=True)
     assert leftover == "", leftover
-    assert all(gone(pid) for pid in launched)
+    assert all(not pid_exists(pid) for pid in launched)
     assert list(tmp_path.iterdir()) == []

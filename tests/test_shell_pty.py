@@ -20,6 +20,7 @@ from typing import Any
 import pexpect
 import pytest
 from conftest import QEMU, QEMU_ARGS, GuestAgent, MultiQEMU, qemu_binary
+from peers import pid_exists
 
 from qmp_sync import QMPSyncClient
 
@@ -109,15 +110,6 @@ def leave(child: pexpect.spawn) -> int:
     at_prompt(child)
     child.sendeof()
     return exit_status(child)
-
-
-def pid_exists(pid: int) -> bool:
-    """Whether a process (a zombie included) has this pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import QEMU, MultiQEMU, start_qemu, start_qemu_monitors
-from peers import GREETING, BlockingPeer, peer_client
+from peers import GREETING, BlockingPeer, peer_client, qemu_client
 
 from qmp_sync import (
     ConnectError,
@@ -33,12 +33,6 @@ from qmp_sync.sync import event_match
 
 # Upper bound of any single wait in these tests.
 BOUND = 10.0
-
-
-def qemu_client(path: str) -> QMPSyncClient:
-    client = QMPSyncClient(path)
-    client.connect(timeout=BOUND)
-    return client
 
 
 # ----------------------------------------------------------------------

@@ -24,6 +24,15 @@ class SyncClient(NamedTuple):
 _RAW_REQUESTS: dict[str, bytes] = {}
 
 
+def id_request(command: str, arguments: Any, number: int) -> bytes:
+    """The bytes of a command with id `number`, as every asyncio client
+    sends them."""
+    message: dict[str, Any] = {"execute": command, "id": number}
+    if arguments:
+        message["arguments"] = arguments
+    return json.dumps(message).encode() + b"\n"
+
+
 class RawClient:
     """The floor: a blocking socket, sendall, readline, json.loads."""
 
@@ -37,7 +46,9 @@ class RawClient:
         json.loads(self.stream.readline())
         self.call("qmp_capabilities")
 
-    def call(self, command: str, arguments: Any = None) -> Any:
+    def request(self, command: str, arguments: Any) -> bytes:
+        """The bytes of the command, each argument-less one serialised
+        once."""
         request = None if arguments else _RAW_REQUESTS.get(command)
         if request is None:
             message: dict[str, Any] = {"execute": command}
@@ -46,7 +57,10 @@ class RawClient:
             request = json.dumps(message).encode() + b"\n"
             if not arguments:
                 _RAW_REQUESTS[command] = request
-        self.sock.sendall(request)
+        return request
+
+    def call(self, command: str, arguments: Any = None) -> Any:
+        self.sock.sendall(self.request(command, arguments))
         reply = json.loads(self.stream.readline())
         while "event" in reply:
             self.events.append(reply)
@@ -76,17 +90,9 @@ class RawIdClient(RawClient):
         self.next_id = 0
         super().__init__(path)
 
-    def call(self, command: str, arguments: Any = None) -> Any:
+    def request(self, command: str, arguments: Any) -> bytes:
         self.next_id += 1
-        message: dict[str, Any] = {"execute": command, "id": self.next_id}
-        if arguments:
-            message["arguments"] = arguments
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
-        reply = json.loads(self.stream.readline())
-        while "event" in reply:
-            self.events.append(reply)
-            reply = json.loads(self.stream.readline())
-        return reply["return"]
+        return id_request(command, arguments, self.next_id)
 
 
 class _HopProtocol(asyncio.Protocol):
@@ -142,10 +148,7 @@ class HopClient:
 
     def call(self, command: str, arguments: Any = None) -> Any:
         self.next_id += 1
-        message: dict[str, Any] = {"execute": command, "id": self.next_id}
-        if arguments:
-            message["arguments"] = arguments
-        request = json.dumps(message).encode() + b"\n"
+        request = id_request(command, arguments, self.next_id)
         transport = self.protocol.transport
         assert transport is not None
         self.loop.call_soon_threadsafe(transport.write, request)
@@ -170,11 +173,8 @@ class HopClient:
         self.loop.close()
 
 
-def adapt_raw(client: RawClient) -> SyncClient:
-    return SyncClient(client.call, client.pull, client.drain, client.close)
-
-
-def adapt_hop(client: HopClient) -> SyncClient:
+def adapt_floor(client: RawClient | HopClient) -> SyncClient:
+    """raw, raw-id and the hops have the blocking interface already."""
     return SyncClient(client.call, client.pull, client.drain, client.close)
 
 
@@ -239,10 +239,10 @@ def adapt_qmp_sync(client: Any) -> SyncClient:
 
 SYNC_CLIENTS: dict[str, tuple[Callable[[str], Any],
                               Callable[[Any], SyncClient]]] = {
-    "raw": (RawClient, adapt_raw),
-    "raw-id": (RawIdClient, adapt_raw),
-    "hop": (functools.partial(HopClient, uvloop=False), adapt_hop),
-    "hop-uvloop": (functools.partial(HopClient, uvloop=True), adapt_hop),
+    "raw": (RawClient, adapt_floor),
+    "raw-id": (RawIdClient, adapt_floor),
+    "hop": (functools.partial(HopClient, uvloop=False), adapt_floor),
+    "hop-uvloop": (functools.partial(HopClient, uvloop=True), adapt_floor),
     "qmp_sync/plain": (connect_qmp_sync, adapt_qmp_sync),
     "qemu.qmp.legacy": (connect_qemu_legacy, adapt_legacy),
     "qmp": (connect_qmp, adapt_qmp),
