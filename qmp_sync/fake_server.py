@@ -1,97 +1,283 @@
 """
-`FakeQMPServer`: a scriptable QMP server for unit tests of code that
-talks QMP (the ``fake_qmp_server`` fixture of ``qmp_sync.testing``).
+A fake QMP server for unit tests of code that talks QMP (the
+``fake_qmp_server`` fixture of ``qmp_sync.testing``), and the one fake
+peer of qmp_sync's own tests.
 
-It listens on a unix socket and serves each client in a thread of its
-own, with plain blocking sockets: it greets, answers ``qmp_capabilities``
-and the commands it was told to answer (``CommandNotFound`` for the
-rest), sends events on demand, and records every command it receives.
-Faults are switched on per command (`fault`): hang up instead of
-answering, never answer, answer with garbage, with half a reply, or
-with a line over a size.
+`FakeQMPServer` answers by itself: it greets, negotiates, answers the
+commands it was told to answer (``CommandNotFound`` for the rest, as
+QEMU does), sends events on demand and records every command. It serves
+a unix socket (default), TCP on 127.0.0.1, and socketpairs, each client
+in a thread of its own with plain blocking sockets. Faults are switched
+on per command (`FakeQMPServer.fault`). What it received can be checked
+with `FakeQMPServer.commands`, `FakeQMPServer.arguments`,
+`FakeQMPServer.assert_received` and `FakeQMPServer.wait_for`::
 
-Threads: the methods may be called from any thread; the server's own
-threads only read the configuration under its lock.
+    server.reply("query-status", {"status": "running", "running": True})
+    server.reply("stop", error={"class": "GenericError", "desc": "no"})
+    ...  # the code under test connects to server.address
+    server.assert_received("query-status")
+    server.assert_received("blockdev-add", {"driver": "null-co",
+                                            "node-name": "n0"})
+    assert server.commands == ["qmp_capabilities", "query-status"]
+
+`FakeConnection` is one connection driven step by step instead, for
+faults at an exact point of the exchange: the test greets, reads a
+command, answers it, sends garbage or half a line, or hangs up, each a
+blocking call bounded by `FakeConnection.timeout`.
+
+Threads: every public method may be called from any thread. The
+server's own threads read its configuration under its lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import socket
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Union
 
-__all__ = ("FAULTS", "FakeQMPServer")
+from typing_extensions import Self
 
-#: The greeting sent unless told otherwise (`greeting`).
-DEFAULT_GREETING: dict[str, Any] = {"QMP": {
-    "version": {"qemu": {"micro": 0, "minor": 0, "major": 9},
-                "package": "fake"},
-    "capabilities": ["oob"]}}
+__all__ = (
+    "DEFAULT_GREETING",
+    "FAULTS",
+    "FakeConnection",
+    "FakeQMPServer",
+    "make_greeting",
+)
 
-#: The faults `fault` knows: what the server does instead of answering.
+
+def make_greeting(capabilities: Sequence[str] = ("oob",),
+                  version: tuple[int, int, int] = (9, 0, 0)
+                  ) -> dict[str, Any]:
+    """A QMP greeting offering `capabilities`, from QEMU `version`
+    (major, minor, micro)."""
+    major, minor, micro = version
+    return {"QMP": {
+        "version": {"qemu": {"micro": micro, "minor": minor,
+                             "major": major},
+                    "package": "fake"},
+        "capabilities": list(capabilities)}}
+
+
+#: The greeting sent unless told otherwise: QEMU 9.0 offering oob.
+DEFAULT_GREETING = make_greeting()
+
+#: The faults `FakeQMPServer.fault` knows: what the server does instead
+#: of answering.
 FAULTS = ("hang-up", "stall", "garbage", "partial", "oversized")
 
-#: What `reply` takes: a value, or a function of the arguments.
+#: What `FakeQMPServer.reply` takes: a value, or a function of the
+#: command's arguments.
 Answer = Union[object, Callable[[dict[str, Any]], object]]
+
+#: What `FakeConnection.send` writes: raw bytes as they are, a mapping
+#: as one JSON line.
+Sendable = Union[bytes, bytearray, Mapping[str, Any]]
+
+_NOT_NEGOTIATED = "Expecting capabilities negotiation with 'qmp_capabilities'"
+_NEGOTIATED_ALREADY = "Capabilities negotiation is already complete, " \
+                      "command ignored"
+
+
+def _name_of(command: Mapping[str, Any]) -> str:
+    return str(command.get("execute", command.get("exec-oob")))
+
+
+class FakeConnection:
+    """
+    The server's end of one connection, driven step by step.
+
+    Make one with `socketpair` (the client gets `client_sock`), or wrap
+    an accepted socket. Every read waits at most `timeout` seconds and
+    then raises `TimeoutError`, so a test that expects a command the
+    client never sends fails instead of hanging.
+
+    :param sock: The server's end of the connection (now owned here).
+    :param timeout: Longest wait of a read, in seconds (None: forever).
+    """
+
+    def __init__(self, sock: socket.socket,
+                 timeout: float | None = 10.0) -> None:
+        self.sock = sock
+        #: Longest wait of a read, in seconds.
+        self.timeout = timeout
+        sock.settimeout(timeout)
+        self._stream = sock.makefile("rb")
+        self._client_sock: socket.socket | None = None
+        #: Every message read from the client, in order.
+        self.received: list[dict[str, Any]] = []
+
+    @classmethod
+    def socketpair(cls, timeout: float | None = 10.0) -> FakeConnection:
+        """A connection on one end of a new socketpair; the other end is
+        `client_sock`."""
+        client_sock, server_sock = socket.socketpair()
+        connection = cls(server_sock, timeout)
+        connection._client_sock = client_sock
+        return connection
+
+    @property
+    def client_sock(self) -> socket.socket:
+        """
+        The client's end of a `socketpair` connection. Whoever takes it
+        owns (and closes) it; `close` closes it only if nobody did.
+
+        :raise ValueError: For a connection not made by `socketpair`, or
+            when it was taken already.
+        """
+        if self._client_sock is None:
+            raise ValueError("no client end to hand out (not made by "
+                             "socketpair(), or taken already)")
+        client_sock, self._client_sock = self._client_sock, None
+        return client_sock
+
+    def send(self, *items: Sendable) -> None:
+        """Write each item: bytes as they are, a mapping as one line of
+        JSON (a `qmp_sync.Message` included)."""
+        for item in items:
+            if isinstance(item, (bytes, bytearray)):
+                self.sock.sendall(item)
+            else:
+                self.sock.sendall(json.dumps(dict(item)).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        """
+        Read one message from the client and record it in `received`.
+
+        :raise EOFError: When the client hung up.
+        :raise TimeoutError: When nothing came within `timeout`.
+        :raise ValueError: When the line is not a JSON object.
+        """
+        line = self._stream.readline()
+        if not line:
+            raise EOFError("the client closed the connection")
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ValueError(f"the client sent a non-object: {line!r}")
+        self.received.append(message)
+        return message
+
+    def answer(self, result: object = None, **extra: Any) -> dict[str, Any]:
+        """Read one command and reply ``{"return": result}`` (``{}`` for
+        None), with its id and the `extra` members; return the
+        command."""
+        command = self.recv()
+        reply = {"return": {} if result is None else result, **extra}
+        if "id" in command:
+            reply["id"] = command["id"]
+        self.send(reply)
+        return command
+
+    def greet(self, greeting: Mapping[str, Any] = DEFAULT_GREETING
+              ) -> None:
+        """Send the greeting."""
+        self.send(greeting)
+
+    def handshake(self, capabilities: Sequence[str] = ("oob",)
+                  ) -> dict[str, Any]:
+        """Greet offering `capabilities`, then answer
+        ``qmp_capabilities``; return that command."""
+        self.greet(make_greeting(capabilities))
+        return self.answer()
+
+    def at_eof(self) -> bool:
+        """Read until the client hangs up (bounded by `timeout`); True
+        when it did."""
+        return self._stream.read() == b""
+
+    def close(self) -> None:
+        """Hang up (and close the client's end if nobody took it)."""
+        self._stream.close()
+        self.sock.close()
+        if self._client_sock is not None:
+            self._client_sock.close()
+            self._client_sock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class FakeQMPServer:
     """
-    A fake QMP server on a unix socket (`address`), serving until
-    `close`.
+    A fake QMP server that answers by itself, serving until `close`.
 
-    :param greeting: The greeting to send; None sends none (as qemu-ga).
+    :param greeting: The greeting sent to each client (`make_greeting`
+        builds others: ``make_greeting(())`` offers no oob). None sends
+        none and needs no negotiation, as the guest agent (qemu-ga).
+    :param tcp: Listen on TCP 127.0.0.1 (a free port) instead of a unix
+        socket in a new temporary directory.
     """
 
-    def __init__(self, greeting: dict[str, Any] | None = DEFAULT_GREETING
-                 ) -> None:
-        #: The greeting sent to each new client (None: none).
-        self.greeting = greeting
-        self._lock = threading.Lock()
+    def __init__(self, greeting: Mapping[str, Any] | None = DEFAULT_GREETING,
+                 *, tcp: bool = False) -> None:
+        #: The greeting sent to each new client (None: none, and no
+        #: negotiation either); may be changed between connections.
+        self.greeting = None if greeting is None else copy.deepcopy(
+            dict(greeting))
+        self._lock = threading.Condition()
         self._answers: dict[str, tuple[Answer, dict[str, str] | None]] = {}
         self._faults: dict[str, str] = {}
-        #: Every command received, in order, as a dict.
-        self.received: list[dict[str, Any]] = []
-        self._connections: list[socket.socket] = []
+        self._received: list[dict[str, Any]] = []
+        self._connections: list[FakeConnection] = []
         self._threads: list[threading.Thread] = []
-        self._dir = tempfile.mkdtemp(prefix="fake-qmp-")
-        #: The unix socket path to connect to.
-        self.address = os.path.join(self._dir, "qmp.sock")
-        self._listener = socket.socket(socket.AF_UNIX)
-        self._listener.bind(self.address)
-        self._listener.listen(8)
         self._closed = False
-        self._start(self._accept_loop)
+        self._dir: str | None = None
+        self._listener: socket.socket
+        #: Where to connect: a unix socket path, or ``("127.0.0.1",
+        #: port)``.
+        self.address: str | tuple[str, int]
+        if tcp:
+            self._listener = socket.socket(socket.AF_INET)
+            self._listener.bind(("127.0.0.1", 0))
+            self.address = self._listener.getsockname()
+        else:
+            self._dir = tempfile.mkdtemp(prefix="fake-qmp-")
+            self.address = os.path.join(self._dir, "qmp.sock")
+            self._listener = socket.socket(socket.AF_UNIX)
+            self._listener.bind(self.address)
+        self._listener.listen(64)
+        accepting = self._thread(self._accept_loop)
+        self._threads.append(accepting)
+        accepting.start()
 
-    def _start(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True,
-                                  name="fake QMP server")
-        self._threads.append(thread)
-        thread.start()
+    @staticmethod
+    def _thread(target: Callable[..., None], *args: object
+                ) -> threading.Thread:
+        return threading.Thread(target=target, args=args, daemon=True,
+                                name="fake QMP server")
 
     # ------------------------------------------------------------------
-    # Scripting it (any thread).
+    # Scripting it.
 
     def reply(self, command: str, value: Answer = None, *,
-              error: dict[str, str] | None = None) -> None:
+              error: Mapping[str, str] | None = None) -> None:
         """
-        Answer `command` with ``{"return": value}`` (a callable is called
-        with the command's arguments and its result returned), or, with
-        `error` (``{"class": ..., "desc": ...}``), with that error.
+        Answer `command` with ``{"return": value}`` from now on: a
+        callable is called with the command's arguments (a dict, empty
+        when there were none) and its result returned; None returns
+        ``{}``. With `error` (``{"class": ..., "desc": ...}``), answer
+        with that error instead.
         """
         with self._lock:
-            self._answers[command] = ({} if value is None else value, error)
+            self._answers[command] = ({} if value is None else value,
+                                      None if error is None else dict(error))
 
     def fault(self, command: str, kind: str) -> None:
         """
         Instead of answering `command`: ``"hang-up"`` closes the
         connection, ``"stall"`` never answers, ``"garbage"`` sends a
         line that is not JSON, ``"partial"`` sends half a reply and
-        hangs up, ``"oversized"`` sends a 16 MiB line.
+        hangs up (a close mid-reply), ``"oversized"`` sends a 16 MiB
+        line.
 
         :raise ValueError: For another `kind`.
         """
@@ -100,39 +286,125 @@ class FakeQMPServer:
         with self._lock:
             self._faults[command] = kind
 
-    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
-        """Send the event to every connected client."""
+    def emit(self, event: str, data: Mapping[str, Any] | None = None
+             ) -> None:
+        """Send the event to every client connected now."""
         message: dict[str, Any] = {"event": event, "timestamp": {
             "seconds": 0, "microseconds": 0}}
         if data is not None:
-            message["data"] = data
-        line = json.dumps(message).encode() + b"\n"
+            message["data"] = dict(data)
         with self._lock:
             connections = list(self._connections)
-        for conn in connections:
+        for connection in connections:
             with contextlib.suppress(OSError):  # that client left
-                conn.sendall(line)
+                connection.send(message)
+
+    def socketpair(self) -> socket.socket:
+        """Serve one end of a new socketpair, as a client that connected;
+        return the other end, which the caller owns (for
+        ``open_with_socket``)."""
+        client_sock, server_sock = socket.socketpair()
+        self._serve_new(server_sock)
+        return client_sock
+
+    # ------------------------------------------------------------------
+    # What it received.
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """Every command received, in order, as dicts (a copy)."""
+        with self._lock:
+            return list(self._received)
+
+    @property
+    def commands(self) -> list[str]:
+        """The names of the commands received, in order."""
+        return [_name_of(command) for command in self.received]
+
+    def arguments(self, command: str) -> list[dict[str, Any]]:
+        """The arguments of each `command` received, in order (``{}``
+        for one sent without)."""
+        return [dict(received.get("arguments") or {})
+                for received in self.received
+                if _name_of(received) == command]
+
+    def assert_received(self, command: str,
+                        arguments: Mapping[str, Any] | None = None, *,
+                        times: int | None = None) -> None:
+        """
+        Check that `command` was received: with exactly these
+        `arguments` if given, exactly `times` times if given (at least
+        once if not).
+
+        :raise AssertionError: Otherwise, listing what was received.
+        """
+        seen = self.arguments(command)
+        if arguments is not None:
+            seen = [args for args in seen if args == dict(arguments)]
+        wanted = f"{command}" + ("" if arguments is None
+                                 else f" with arguments {dict(arguments)}")
+        if times is None and not seen:
+            raise AssertionError(f"{wanted} was not received; the server "
+                                 f"received: {self._summary()}")
+        if times is not None and len(seen) != times:
+            raise AssertionError(f"{wanted} was received {len(seen)} "
+                                 f"times, not {times}; the server "
+                                 f"received: {self._summary()}")
+
+    def wait_for(self, command: str, timeout: float = 10.0
+                 ) -> dict[str, Any]:
+        """
+        Wait until `command` has been received; return it (the first
+        one).
+
+        :raise TimeoutError: When it has not come within `timeout`
+            seconds.
+        """
+        def first() -> dict[str, Any] | None:
+            return next((received for received in self._received
+                         if _name_of(received) == command), None)
+
+        with self._lock:
+            if not self._lock.wait_for(lambda: first() is not None,
+                                       timeout):
+                raise TimeoutError(f"{command} not received within "
+                                   f"{timeout} s; the server received: "
+                                   f"{self.commands}")
+            found = first()
+        assert found is not None
+        return found
+
+    def _summary(self) -> str:
+        return ", ".join(
+            f"{_name_of(command)}{command.get('arguments') or ''}"
+            for command in self.received) or "nothing"
+
+    # ------------------------------------------------------------------
+    # Ending.
 
     def close(self) -> None:
-        """Stop listening, hang up on every client, remove the socket."""
+        """Stop listening, hang up on every client, wait for the
+        server's threads, and remove the socket."""
         with self._lock:
             self._closed = True
             connections = list(self._connections)
+            threads = list(self._threads)
         # close() alone does not wake a thread blocked in accept().
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
-        for conn in connections:
+        for connection in connections:
             with contextlib.suppress(OSError):  # gone already
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        for thread in self._threads:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
             thread.join(5)
-        with contextlib.suppress(OSError):
-            os.unlink(self.address)
-        os.rmdir(self._dir)
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(str(self.address))
+            os.rmdir(self._dir)
+            self._dir = None
 
-    def __enter__(self) -> FakeQMPServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -144,70 +416,97 @@ class FakeQMPServer:
     def _accept_loop(self) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
+                sock, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    return
-                self._connections.append(conn)
-            self._start(self._serve, conn)
+            if not self._serve_new(sock):
+                return
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve_new(self, sock: socket.socket) -> bool:
+        """Serve `sock` in a thread of its own; False (and `sock`
+        closed) once the server is closed."""
+        connection = FakeConnection(sock, timeout=None)
+        serving = self._thread(self._serve, connection)
+        with self._lock:
+            if self._closed:
+                connection.close()
+                return False
+            self._connections.append(connection)
+            self._threads.append(serving)
+        serving.start()
+        return True
+
+    def _serve(self, connection: FakeConnection) -> None:
+        with self._lock:
+            greeting = self.greeting
+        negotiated = greeting is None
         try:
-            if self.greeting is not None:
-                conn.sendall(json.dumps(self.greeting).encode() + b"\n")
-            for line in conn.makefile("rb"):
-                command = json.loads(line)
-                if not isinstance(command, dict):
-                    return  # not a command: hang up, as QEMU would not
-                if not self._answer(conn, command):
+            if greeting is not None:
+                connection.greet(greeting)
+            while True:
+                command = connection.recv()
+                with self._lock:
+                    self._received.append(command)
+                    self._lock.notify_all()
+                if not self._answer(connection, command, negotiated):
                     return
-        except (OSError, ValueError):
-            return  # the client went away, or sent something odd
+                negotiated = negotiated or (
+                    _name_of(command) == "qmp_capabilities")
+        except (OSError, EOFError, ValueError):
+            return  # the client left, or sent something QEMU would refuse
         finally:
             with self._lock:
-                if conn in self._connections:
-                    self._connections.remove(conn)
-            conn.close()
+                self._connections.remove(connection)
+            connection.close()
 
-    def _answer(self, conn: socket.socket, command: dict[str, Any]) -> bool:
+    def _answer(self, connection: FakeConnection, command: dict[str, Any],
+                negotiated: bool) -> bool:
         """Answer one command; False to end the connection."""
-        name = command.get("execute") or command.get("exec-oob")
+        name = _name_of(command)
         with self._lock:
-            self.received.append(command)
-            fault = self._faults.get(str(name))
-            answer = self._answers.get(str(name))
-        reply: dict[str, Any]
+            fault = self._faults.get(name)
+            answer = self._answers.get(name)
         if fault == "hang-up":
             return False
         if fault == "stall":
             return True
         if fault == "garbage":
-            conn.sendall(b"{this is not json\n")
+            connection.send(b"{this is not json\n")
             return True
         if fault == "oversized":
-            conn.sendall(b'{"return": "' + b"x" * (16 << 20) + b'"}\n')
+            connection.send(b'{"return": "' + b"x" * (16 << 20) + b'"}\n')
             return True
-        if name == "qmp_capabilities" and answer is None:
-            reply = {"return": {}}
-        elif answer is None:
-            reply = {"error": {"class": "CommandNotFound",
-                               "desc": f"The command {name} has not been "
-                                       "found"}}
-        elif answer[1] is not None:
-            reply = {"error": answer[1]}
-        else:
-            value = answer[0]
-            if callable(value):
-                value = value(command.get("arguments") or {})
-            reply = {"return": value}
+        reply = self._reply_to(command, answer, negotiated)
         if "id" in command:
             reply["id"] = command["id"]
         data = json.dumps(reply).encode() + b"\n"
         if fault == "partial":
-            conn.sendall(data[:len(data) // 2])
+            connection.send(data[:len(data) // 2])
             return False
-        conn.sendall(data)
+        connection.send(data)
         return True
+
+    def _reply_to(self, command: dict[str, Any],
+                  answer: tuple[Answer, dict[str, str] | None] | None,
+                  negotiated: bool) -> dict[str, Any]:
+        """The reply QEMU would give, unless scripted otherwise."""
+        name = _name_of(command)
+        if answer is None and name == "qmp_capabilities":
+            if negotiated:
+                return self._error("CommandNotFound", _NEGOTIATED_ALREADY)
+            return {"return": {}}
+        if not negotiated and name != "qmp_capabilities":
+            return self._error("CommandNotFound", _NOT_NEGOTIATED)
+        if answer is None:
+            return self._error("CommandNotFound",
+                               f"The command {name} has not been found")
+        value, error = answer
+        if error is not None:
+            return {"error": error}
+        if callable(value):
+            value = value(dict(command.get("arguments") or {}))
+        return {"return": value}
+
+    @staticmethod
+    def _error(error_class: str, desc: str) -> dict[str, Any]:
+        return {"error": {"class": error_class, "desc": desc}}

@@ -17,6 +17,7 @@ driven by one thread at a time (its client may be shared).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from .error import QMPError
 from .legacy import QMPMessage, QMPReturnValue
-from .protocol import ConnectError
+from .protocol import ConnectError, SocketAddrT
+from .qmp_client import ExecInterruptedError
 from .sync import QMPSyncClient, event_match
 
 if TYPE_CHECKING:
@@ -43,6 +45,14 @@ __all__ = (
     "VMLaunchFailure",
 )
 
+_logger = logging.getLogger(__name__)
+
+#: How many times `QEMUMachine.launch` starts QEMU whose monitor failed
+#: at start-up (see there).
+STARTUP_ATTEMPTS = 3
+#: How long a QEMU whose monitor failed at launch may take to exit
+#: before the failure counts as a start-up race.
+_EXIT_GRACE = 2.0
 #: How long `shutdown` waits for QEMU after SIGTERM, before SIGKILL.
 _TERM_GRACE = 10.0
 #: How much of QEMU's output a `VMLaunchFailure` quotes.
@@ -69,6 +79,14 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if caught and callable(previous):
             previous(signal.SIGINT, caught[0])
+
+
+def _chardev_address(address: SocketAddrT) -> str:
+    """The chardev options of a socket client of `address`."""
+    if not isinstance(address, tuple):
+        return f"path={os.fspath(address)}"
+    host, port = address
+    return f"host={host},port={port}"
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -110,6 +128,14 @@ class VMLaunchFailure(QEMUMachineError):
         return text
 
 
+class _StartupRace(Exception):
+    """QEMU runs but its monitor failed the negotiation at start-up."""
+
+    def __init__(self, command: str):
+        super().__init__(command)
+        self.command = command
+
+
 class AbnormalShutdown(QEMUMachineError):
     """QEMU did not shut down cleanly: it had to be killed, or it exited
     with a signal or a status other than 0."""
@@ -125,10 +151,13 @@ class QEMUMachine:
     :param wrapper: A command to run QEMU under (``["gdbserver", ...]``).
     :param name: A name for logs and temporary files.
     :param base_temp_dir: Where the temporary directory goes.
-    :param monitor_address: Accepted for compatibility; the monitor is
-        always a socketpair here.
-    :param drain_console: Accepted for compatibility (no console).
-    :param console_log: Accepted for compatibility (no console).
+    :param monitor_address: A unix socket path or ``(host, port)``
+        where the machine listens for QEMU's monitor to connect (the
+        socket file is removed at shutdown); by default the monitor is
+        one end of a socketpair, with no file at all.
+    :param drain_console: Accepted for compatibility; the console is
+        never drained here (read `console_socket` yourself).
+    :param console_log: Accepted for compatibility; see `drain_console`.
     :param log_dir: Where QEMU's output log goes (default: the temporary
         directory).
     :param qmp_timer: Seconds the monitor's greeting may take at launch.
@@ -137,7 +166,7 @@ class QEMUMachine:
     def __init__(self, binary: str, args: Sequence[str] = (),
                  wrapper: Sequence[str] = (), name: str | None = None,
                  base_temp_dir: str = "/var/tmp",
-                 monitor_address: object = None,
+                 monitor_address: SocketAddrT | None = None,
                  drain_console: bool = False,
                  console_log: str | None = None,
                  log_dir: str | None = None,
@@ -149,7 +178,10 @@ class QEMUMachine:
         self._base_temp_dir = base_temp_dir
         self._log_dir = log_dir
         self._qmp_timer = qmp_timer
+        self._monitor_address = monitor_address
         self._machine: str | None = None
+        self._console: tuple[str | None, int] | None = None
+        self._console_sock: socket.socket | None = None
         self._pass_fds: list[int] = []
         self._temp_dir: str | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -183,12 +215,12 @@ class QEMUMachine:
     def set_console(self, device_type: str | None = None,
                     console_index: int = 0) -> None:
         """
-        Not provided: this machine has no console.
-
-        :raise QEMUMachineError: Always.
+        Give the machine a console at launch: a chardev on a unix socket
+        in `temp_dir` (read and written through `console_socket`),
+        attached as serial port `console_index` (the ones before it are
+        ``null``), or as a ``-device device_type`` when one is given.
         """
-        raise QEMUMachineError("set_console(): qmp_sync's QEMUMachine has "
-                               "no console; pass -serial yourself")
+        self._console = (device_type, console_index)
 
     def add_fd(self, fd: int, fdset: int, opaque: str,
                opts: str = "") -> QEMUMachine:
@@ -239,17 +271,62 @@ class QEMUMachine:
     # ------------------------------------------------------------------
     # Life cycle.
 
-    def _command(self, monitor_fd: int) -> list[str]:
+    def _command(self, monitor: str) -> list[str]:
         args = ["-display", "none", "-vga", "none",
-                "-chardev", f"socket,id=mon,fd={monitor_fd}",
+                "-chardev", monitor,
                 "-mon", "chardev=mon,mode=control"]
         if self._machine is not None:
             args += ["-machine", self._machine]
+        if self._console is not None:
+            device_type, index = self._console
+            args += ["-chardev", f"socket,id=console,server=on,wait=off,"
+                     f"path={self._console_path}"]
+            if device_type is None:
+                args += ["-serial", "null"] * index
+                args += ["-serial", "chardev:console"]
+            else:
+                args += ["-device", f"{device_type},chardev=console"]
         return [*self._wrapper, self._binary, *args, *self._args]
+
+    @property
+    def _console_path(self) -> str:
+        return os.path.join(self.temp_dir, "console.sock")
+
+    @property
+    def console_socket(self) -> socket.socket:
+        """
+        A socket connected to the console (see `set_console`), made on
+        first use and closed at shutdown.
+
+        :raise QEMUMachineError: When the machine has no console or does
+            not run.
+        """
+        if self._console is None or not self.is_running():
+            raise QEMUMachineError("console_socket: the machine has no "
+                                   "console (set_console() before "
+                                   "launch()) or does not run")
+        if self._console_sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self._console_path)
+            except OSError:
+                sock.close()
+                raise
+            self._console_sock = sock
+        return self._console_sock
 
     def launch(self) -> None:
         """
-        Start QEMU and connect to its monitor.
+        Start QEMU and connect to its monitor; return once QEMU has
+        answered the capabilities negotiation, so it runs its main loop
+        and every chardev of its command line exists (a client of
+        another monitor connecting now does not see QEMU's start-up
+        ``RESUME``).
+
+        QEMU 7.2 can, rarely, greet a client that connects while it is
+        still starting twice and then lose the negotiation. Such a start
+        is not the caller's fault: QEMU is killed and launched again, at
+        most `STARTUP_ATTEMPTS` times in all, each time logged.
 
         :raise VMLaunchFailure: When QEMU cannot start, refuses its
             arguments, or exits before its monitor greets; it carries the
@@ -258,12 +335,41 @@ class QEMUMachine:
         """
         if self.is_running():
             raise QEMUMachineError("launch(): the machine runs already")
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            try:
+                self._launch_once()
+                return
+            except _StartupRace as race:
+                if attempt == STARTUP_ATTEMPTS:
+                    raise VMLaunchFailure(
+                        None, race.command,
+                        f"the monitor failed {attempt} starts: "
+                        f"{race.__cause__}") from race.__cause__
+                _logger.warning("%s: QEMU's monitor failed at start-up "
+                                "(%s); launching it again",
+                                self._name, race.__cause__)
+
+    def _launch_once(self) -> None:
+        """One attempt of `launch`; raises `_StartupRace` (QEMU reaped)
+        when QEMU runs but its monitor failed the negotiation."""
         self._quit_issued = False
         self._exitcode = None
         self._log_text = ""
-        mine, theirs = socket.socketpair()
-        command = self._command(theirs.fileno())
         self._log_path = os.path.join(self.log_dir, f"{self._name}.log")
+        mine: socket.socket | None = None
+        theirs: socket.socket | None = None
+        if self._monitor_address is None:
+            mine, theirs = socket.socketpair()
+            monitor = f"socket,id=mon,fd={theirs.fileno()}"
+        else:
+            # QEMU connects to us, as QEMU's own QEMUMachine has it.
+            monitor = "socket,id=mon," + _chardev_address(
+                self._monitor_address)
+            try:
+                self.client.start_server(self._monitor_address)
+            except ConnectError as err:
+                raise VMLaunchFailure(None, monitor, str(err)) from err
+        command = self._command(monitor)
         try:
             # A session of its own: Ctrl-C at the terminal is ours to
             # handle, and stopping the group stops a wrapper's children.
@@ -271,24 +377,41 @@ class QEMUMachine:
                 self._popen = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True,
-                    pass_fds=[theirs.fileno(), *self._pass_fds])
+                    pass_fds=[*([] if theirs is None else [theirs.fileno()]),
+                              *self._pass_fds])
             self._launched = True
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
             try:
-                self.client.open_with_socket(mine, timeout=self._qmp_timer)
+                if mine is None:
+                    self.client.accept(timeout=self._qmp_timer)
+                else:
+                    self.client.open_with_socket(mine,
+                                                 timeout=self._qmp_timer)
             except (ConnectError, TimeoutError) as err:
+                # A QEMU that refused its arguments closes the monitor
+                # just before it exits: give it a moment to do so.
+                try:
+                    self._popen.wait(_EXIT_GRACE)
+                    exited = True
+                except subprocess.TimeoutExpired:
+                    exited = False
                 self._reap(hard=True)
+                if not exited:
+                    raise _StartupRace(" ".join(command)) from err
                 raise VMLaunchFailure(self._exitcode, " ".join(command),
                                       self._log_text[-_OUTPUT_TAIL:]
                                       ) from err
         except OSError as err:
-            mine.close()
-            theirs.close()
+            for sock in (mine, theirs):
+                if sock is not None:
+                    sock.close()
             self._reap(hard=True)
             raise VMLaunchFailure(None, " ".join(command), str(err)) from err
         except BaseException:
             # Ctrl-C at the worst moment: leave no QEMU behind.
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
             self._reap(hard=True)
             raise
 
@@ -356,6 +479,9 @@ class QEMUMachine:
             _signal_group(popen.pid, signal.SIGKILL)
             self._exitcode = popen.returncode
             self._popen = None
+        if self._console_sock is not None:
+            self._console_sock.close()
+            self._console_sock = None
         # close() re-raises what ended the session (a protocol error, an
         # OSError): QEMU is gone either way, and that is what was asked.
         with contextlib.suppress(Exception):
@@ -403,7 +529,8 @@ class QEMUMachine:
         message: dict[str, object] = {"execute": cmd}
         if arguments:
             message["arguments"] = arguments
-        reply = self.client.execute_reply(message).to_dict()
+        with self._naming_the_exit():
+            reply = self.client.execute_reply(message).to_dict()
         if cmd == "quit" and "return" in reply:
             self._quit_issued = True
         return reply
@@ -416,10 +543,28 @@ class QEMUMachine:
         :raise ExecuteError: When QEMU answers with an error.
         """
         arguments = self._arguments(args_dict, conv_keys, args)
-        value = self.client.execute(cmd, arguments or None)
+        with self._naming_the_exit():
+            value = self.client.execute(cmd, arguments or None)
         if cmd == "quit":
             self._quit_issued = True
         return value
+
+    @contextlib.contextmanager
+    def _naming_the_exit(self) -> Iterator[None]:
+        """Turn the `ExecInterruptedError` of a command whose QEMU died
+        into one that names QEMU's exit status."""
+        try:
+            yield
+        except ExecInterruptedError as err:
+            popen = self._popen
+            if popen is None:
+                raise
+            try:
+                code = popen.wait(_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                raise err from err.__cause__
+            raise ExecInterruptedError(
+                f"{err} (QEMU exited, exit status {code})") from err
 
     def send_fd_scm(self, fd: int | None = None,
                     file_path: str | None = None) -> None:

@@ -18,20 +18,22 @@ Every test using the fixture gets the ``qemu`` marker, so ``pytest -m
 "not qemu"`` leaves them out.
 
 ``fake_qmp_server``
-    A running `qmp_sync.fake_server.FakeQMPServer` for unit tests of
-    code that talks QMP, closed at teardown: connect to its ``address``;
-    script it with ``reply(command, value)`` (or ``error={"class": ...,
-    "desc": ...}``, or a function of the arguments), ``emit(event,
-    data)`` and ``fault(command, kind)``; read what it got in
-    ``received``. No QEMU needed. For example::
+    A running `qmp_sync.fake_server.FakeQMPServer` on a unix socket for
+    unit tests of code that talks QMP, closed at teardown: connect to
+    its ``address`` (or take ``socketpair()``); script it with
+    ``reply(command, value)`` (or ``error={"class": ..., "desc": ...}``,
+    or a function of the arguments), ``emit(event, data)``,
+    ``fault(command, kind)`` and ``greeting``; check what it got with
+    ``commands``, ``arguments(command)``, ``assert_received(command,
+    arguments, times=)``, ``wait_for(command)`` or ``received``. No QEMU
+    needed. For example::
 
         def test_my_tool(fake_qmp_server):
             fake_qmp_server.reply("query-status", {"running": True})
             with QMPSyncClient(fake_qmp_server.address) as client:
                 client.connect()
                 assert my_tool_is_running(client)
-            assert [c["execute"] for c in fake_qmp_server.received] == [
-                "qmp_capabilities", "query-status"]
+            fake_qmp_server.assert_received("query-status", times=1)
 
 Threads: fixtures run in pytest's thread.
 """
@@ -48,7 +50,8 @@ import pytest
 from .fake_server import FakeQMPServer
 from .machine import QEMUMachine
 
-__all__ = ("GUESTLESS_ARGS", "fake_qmp_server", "qemu_machine")
+__all__ = ("GUESTLESS_ARGS", "fake_qmp_server", "find_qemu", "qemu_binary",
+           "qemu_machine")
 
 #: The arguments of a guest-less QEMU.
 GUESTLESS_ARGS = ("-machine", "none", "-nodefaults")
@@ -79,6 +82,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.qemu)
 
 
+def find_qemu(configured: str = "") -> str | None:
+    """The path of the QEMU binary `configured`, else of
+    ``$QMP_SYNC_QEMU``, else of ``qemu-system-x86_64`` on PATH; None
+    when that is not an executable."""
+    return shutil.which(configured or os.environ.get("QMP_SYNC_QEMU", "")
+                        or DEFAULT_QEMU)
+
+
 def qemu_binary(config: pytest.Config) -> str:
     """
     The QEMU binary to launch, as configured (see the module docstring).
@@ -87,7 +98,7 @@ def qemu_binary(config: pytest.Config) -> str:
     """
     configured = str(config.getini("qmp_sync_qemu") or "") or (
         os.environ.get("QMP_SYNC_QEMU", "") or DEFAULT_QEMU)
-    found = shutil.which(configured)
+    found = find_qemu(configured)
     if found is None:
         reason = (f"QEMU binary {configured!r} not found (set the "
                   "qmp_sync_qemu ini option or $QMP_SYNC_QEMU)")

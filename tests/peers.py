@@ -1,121 +1,98 @@
 """
-In-process peers for the faults QEMU will not produce on demand.
-
-`FakeQMP` is a scripted QMP server on one end of a socketpair: the test
-hands the other end to the client, then says what the server does,
-line by line (greet, read a command, answer, send garbage, hang up).
-Everything it reads is recorded in `FakeQMP.received`.
+Helpers of the tests: peers for the faults QEMU will not produce on
+demand, all built on the one fake server, ``qmp_sync.fake_server``
+(`AsyncPeer` drives its `FakeConnection` from an async test), a
+protocol on the core (`LineProtocol`), and small waits and checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import json
 import os
 import socket
+import subprocess
 import sys
 import threading
-from typing import Any, ClassVar, Union
+from pathlib import Path
+from typing import Any, ClassVar
 
-from qmp_sync.message import Message
+import pytest
+
+from qmp_sync.fake_server import FakeConnection, Sendable
+from qmp_sync.machine import QEMUMachine
 from qmp_sync.protocol import AsyncProtocol
 from qmp_sync.sync import QMPSyncClient
+from qmp_sync.testing import find_qemu
 
-GREETING: dict[str, Any] = {
-    "QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 0, "major": 9},
-                    "package": "fake"},
-        "capabilities": ["oob"],
-    },
-}
-
-Sendable = Union[bytes, dict[str, Any], Message]
+#: Longest wait of a test for a peer or a client, in seconds.
+TIMEOUT = 10.0
 
 
-class FakeQMP:
+class AsyncPeer:
     """
-    The server side of a socketpair, driven step by step by a test.
-
-    Create it with `FakeQMP.create()` inside the test's event loop; give
-    ``client_sock`` to the client.
+    A `FakeConnection` on a socketpair, driven from an ``async def``
+    test: each step runs in a worker thread, so the client in the
+    test's event loop goes on meanwhile. Give ``client_sock`` to the
+    client.
     """
 
-    def __init__(self, client_sock: socket.socket,
-                 reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter):
-        self.client_sock = client_sock
-        self.reader = reader
-        self.writer = writer
-        #: Every message read from the client, in order.
-        self.received: list[dict[str, Any]] = []
+    #: Every AsyncPeer still open in this test; see `close_all`.
+    _open: ClassVar[list[AsyncPeer]] = []
 
-    #: Every FakeQMP still open in this test; see `close_all`.
-    _open: ClassVar[list[FakeQMP]] = []
+    def __init__(self) -> None:
+        self.connection = FakeConnection.socketpair(TIMEOUT)
+        AsyncPeer._open.append(self)
 
     @classmethod
-    async def create(cls) -> FakeQMP:
-        """Make the socketpair and open the server end."""
-        client_sock, server_sock = socket.socketpair()
-        reader, writer = await asyncio.open_connection(
-            sock=server_sock, limit=64 << 20)
-        fake = cls(client_sock, reader, writer)
-        cls._open.append(fake)
-        return fake
+    async def create(cls) -> AsyncPeer:
+        """A new peer (a coroutine, for symmetry with the test's
+        awaits)."""
+        return cls()
 
     @classmethod
     async def close_all(cls) -> None:
-        """Hang up every fake server of the test (run by conftest)."""
+        """Hang up every peer of the test (run by conftest)."""
         while cls._open:
             await cls._open.pop().close()
 
+    @property
+    def client_sock(self) -> socket.socket:
+        """The client's end (see `FakeConnection.client_sock`)."""
+        return self.connection.client_sock
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """Every message read from the client, in order."""
+        return self.connection.received
+
     async def send(self, *items: Sendable) -> None:
-        """Write each item: raw bytes as they are, objects as a line."""
-        for item in items:
-            if isinstance(item, (bytes, bytearray)):
-                self.writer.write(item)
-            else:
-                data = dict(item)
-                self.writer.write(json.dumps(data).encode() + b"\r\n")
-        await self.writer.drain()
+        """`FakeConnection.send`."""
+        await asyncio.to_thread(self.connection.send, *items)
 
     async def recv(self) -> dict[str, Any]:
-        """Read one message from the client and record it."""
-        line = await self.reader.readline()
-        if not line:
-            raise EOFError("the client closed the connection")
-        msg = json.loads(line)
-        self.received.append(msg)
-        return msg
+        """`FakeConnection.recv`."""
+        return await asyncio.to_thread(self.connection.recv)
 
-    async def answer(self, result: Any = None, **extra: Any) -> dict[str, Any]:
-        """Read one command and reply ``return: result`` with its id."""
-        cmd = await self.recv()
-        reply = {"return": {} if result is None else result, **extra}
-        if "id" in cmd:
-            reply["id"] = cmd["id"]
-        await self.send(reply)
-        return cmd
+    async def answer(self, result: Any = None, **extra: Any
+                     ) -> dict[str, Any]:
+        """`FakeConnection.answer`."""
+        return await asyncio.to_thread(self.connection.answer, result,
+                                       **extra)
 
     async def handshake(self, capabilities: tuple[str, ...] = ("oob",)
                         ) -> dict[str, Any]:
-        """Greet, then answer qmp_capabilities; return that command."""
-        greeting = json.loads(json.dumps(GREETING))
-        greeting["QMP"]["capabilities"] = list(capabilities)
-        await self.send(greeting)
-        return await self.answer()
+        """`FakeConnection.handshake`."""
+        return await asyncio.to_thread(self.connection.handshake,
+                                       capabilities)
+
+    async def at_eof(self) -> bool:
+        """`FakeConnection.at_eof`."""
+        return await asyncio.to_thread(self.connection.at_eof)
 
     async def close(self) -> None:
         """Hang up."""
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-    async def at_eof(self) -> bool:
-        """Wait until the client hangs up; True when it did."""
-        rest = await self.reader.read()
-        return rest == b"" and self.reader.at_eof()
+        self.connection.close()
 
 
 class LineProtocol(AsyncProtocol[bytes]):
@@ -203,79 +180,7 @@ class RunstateWatcher:
         return self.seen
 
 
-class BlockingPeer:
-    """
-    A scripted QMP server for tests of the blocking client: the server
-    end of a socketpair, driven with plain blocking calls from the test
-    thread (every read bounded by `TIMEOUT`). Give ``client_sock`` to
-    the client.
-    """
-
-    #: Longest wait for the client to write something, in seconds.
-    TIMEOUT = 10.0
-
-    def __init__(self) -> None:
-        self._client_sock, self.sock = socket.socketpair()
-        self._handed_over = False
-        self.sock.settimeout(self.TIMEOUT)
-        self._stream = self.sock.makefile("rb")
-        #: Every message read from the client, in order.
-        self.received: list[dict[str, Any]] = []
-
-    @property
-    def client_sock(self) -> socket.socket:
-        """The client's end; whoever takes it owns (and closes) it."""
-        self._handed_over = True
-        return self._client_sock
-
-    def send(self, *items: Sendable) -> None:
-        """Write each item: raw bytes as they are, objects as a line."""
-        for item in items:
-            if isinstance(item, (bytes, bytearray)):
-                self.sock.sendall(item)
-            else:
-                self.sock.sendall(json.dumps(dict(item)).encode() + b"\n")
-
-    def recv(self) -> dict[str, Any]:
-        """Read one message from the client and record it."""
-        line = self._stream.readline()
-        if not line:
-            raise EOFError("the client closed the connection")
-        msg = json.loads(line)
-        self.received.append(msg)
-        return msg
-
-    def answer(self, result: Any = None) -> dict[str, Any]:
-        """Read one command and reply ``return: result`` with its id."""
-        cmd = self.recv()
-        reply = {"return": {} if result is None else result}
-        if "id" in cmd:
-            reply["id"] = cmd["id"]
-        self.send(reply)
-        return cmd
-
-    def greet(self) -> None:
-        """Send the greeting."""
-        self.send(GREETING)
-
-    def handshake(self) -> None:
-        """Greet, then answer qmp_capabilities."""
-        self.greet()
-        self.answer()
-
-    def at_eof(self) -> bool:
-        """Wait (bounded) until the client hangs up; True when it did."""
-        return self._stream.read() == b""
-
-    def close(self) -> None:
-        """Hang up (and close the client's end if nobody took it)."""
-        self._stream.close()
-        self.sock.close()
-        if not self._handed_over:
-            self._client_sock.close()
-
-
-def peer_client(peer: BlockingPeer,
+def peer_client(peer: FakeConnection,
                 pool: concurrent.futures.ThreadPoolExecutor,
                 **options: Any) -> QMPSyncClient:
     """A `QMPSyncClient` made with `options`, connected to `peer`
@@ -283,7 +188,7 @@ def peer_client(peer: BlockingPeer,
     client = QMPSyncClient(**options)
     opening = pool.submit(client.open_with_socket, peer.client_sock)
     peer.handshake()
-    opening.result(BlockingPeer.TIMEOUT)
+    opening.result(TIMEOUT)
     return client
 
 
@@ -294,7 +199,7 @@ def blocked_in_call(future: concurrent.futures.Future[object],
     a ``wait`` called (at some depth) from `caller`: by default, waiting
     for the loop thread in the hand-off's lock.
     """
-    deadline = BlockingPeer.TIMEOUT
+    deadline = TIMEOUT
     event = threading.Event()
     while deadline > 0:
         assert not future.done(), future.exception()
@@ -313,7 +218,7 @@ def blocked_in_call(future: concurrent.futures.Future[object],
 def qemu_client(path: str) -> QMPSyncClient:
     """A `QMPSyncClient` connected to the QEMU monitor at `path`."""
     client = QMPSyncClient(path)
-    client.connect(timeout=BlockingPeer.TIMEOUT)
+    client.connect(timeout=TIMEOUT)
     return client
 
 
@@ -324,3 +229,88 @@ def pid_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# ----------------------------------------------------------------------
+# QEMU, as the conftest fixtures hand it to the tests.
+
+#: The arguments of a guest-less QEMU.
+QEMU_ARGS = ("-machine", "none", "-nodefaults", "-display", "none")
+
+
+class QEMU:
+    """
+    A launched guest-less QEMU (`machine`, a `QEMUMachine`, killed at
+    the test's end by the plugin) with further QMP monitors on the unix
+    sockets `paths` (the first is `path`) for the test's own clients.
+    """
+
+    def __init__(self, machine: QEMUMachine, paths: list[str]) -> None:
+        self.machine = machine
+        self.paths = paths
+        self.path = paths[0]
+        pid = machine.get_pid()
+        assert pid is not None
+        #: QEMU's process id.
+        self.pid = pid
+
+    def wait(self, timeout: float = TIMEOUT) -> int | None:
+        """Wait for QEMU to exit by itself; return its exit status."""
+        self.machine.wait(timeout)
+        return self.machine.exitcode()
+
+    def kill(self) -> None:
+        """Stop QEMU at once and reap it."""
+        self.machine.kill()
+
+
+def monitor_args(directory: Path, count: int) -> tuple[list[str], list[str]]:
+    """QEMU arguments for `count` QMP monitors listening on unix sockets
+    in `directory`, and the socket paths."""
+    args, paths = [], []
+    for index in range(count):
+        path = str(directory / f"qmp{index}.sock")
+        args += ["-chardev", f"socket,id=qmp{index},path={path},"
+                 "server=on,wait=off",
+                 "-mon", f"chardev=qmp{index},mode=control"]
+        paths.append(path)
+    return args, paths
+
+
+def qemu_binary() -> str:
+    """The QEMU binary; its absence fails the test (never a skip)."""
+    path = find_qemu()
+    if path is None:
+        pytest.fail("qemu-system-x86_64 is not installed: the README's test "
+                    "command (tools/test.sh) installs it with apt-get")
+    return path
+
+
+def start_qemu(*extra: str, pass_fds: tuple[int, ...] = ()
+               ) -> subprocess.Popen[bytes]:
+    """
+    A bare guest-less QEMU with `extra` arguments, for the few tests
+    whose subject is a monitor set up by hand (QEMU as the socket's
+    client, QEMU on an fd given by the test). Everything else uses
+    the ``qemu_machine`` fixture. The caller kills and reaps it.
+    """
+    return subprocess.Popen(
+        [qemu_binary(), *QEMU_ARGS, *extra], pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+class GuestAgent:
+    """A qemu-ga process serving its protocol on the unix socket `path`
+    (on the host: its commands answer about this machine); as a context
+    manager, killed when the block is left."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], path: str):
+        self.proc = proc
+        self.path = path
+
+    def __enter__(self) -> GuestAgent:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=TIMEOUT)

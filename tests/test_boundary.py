@@ -4,7 +4,7 @@ blocking calls of other threads, commands withdrawn when their caller
 gave up, a prompt close, deep nesting, non-string keys, the memory and
 the cap of the event queue, and state errors that name one state.
 
-Real QEMU where QEMU is the peer; the scripted `BlockingPeer` for what
+Real QEMU where QEMU is the peer; the scripted `FakeConnection` for what
 QEMU will not do on demand.
 """
 
@@ -27,8 +27,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import QEMU
-from peers import BlockingPeer, blocked_in_call, peer_client, qemu_client
+from peers import QEMU, blocked_in_call, peer_client, qemu_client
 
 from qmp_sync import (
     ConnectError,
@@ -38,6 +37,7 @@ from qmp_sync import (
     StateError,
 )
 from qmp_sync._event_queue import BlockingListener
+from qmp_sync.fake_server import FakeConnection
 from qmp_sync.legacy import QEMUMonitorProtocol
 from qmp_sync.protocol import AsyncProtocol
 from qmp_sync.qmp_client import ServerParseError
@@ -185,7 +185,7 @@ def test_close_ends_connect_retrying(
 # 4. A command reported as failed is never sent later.
 
 def test_timed_out_commands_are_withdrawn(
-        peer: BlockingPeer,
+        peer: FakeConnection,
         pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """To a server that stops reading, 100 kB commands that time out
     before they are written are withdrawn: when the server reads again
@@ -220,7 +220,7 @@ def test_stopped_qemu_runs_only_what_was_written(qemu: QEMU) -> None:
     count = 300
     filler = "s" * 4000
     with qemu_client(qemu.path) as client:
-        os.kill(qemu.proc.pid, signal.SIGSTOP)
+        os.kill(qemu.pid, signal.SIGSTOP)
         try:
             for number in range(count):
                 with pytest.raises(TimeoutError):
@@ -228,7 +228,7 @@ def test_stopped_qemu_runs_only_what_was_written(qemu: QEMU) -> None:
                         "qom-type": "secret", "id": f"s{number}",
                         "data": filler}, timeout=0.002)
         finally:
-            os.kill(qemu.proc.pid, signal.SIGCONT)
+            os.kill(qemu.pid, signal.SIGCONT)
         objects = client.execute("qom-list", {"path": "/objects"},
                                  timeout=BOUND)
     assert isinstance(objects, list)
@@ -240,7 +240,7 @@ def test_stopped_qemu_runs_only_what_was_written(qemu: QEMU) -> None:
 
 
 def test_interrupted_command_is_withdrawn(
-        peer: BlockingPeer,
+        peer: FakeConnection,
         pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """A KeyboardInterrupt while a command waits behind unwritten data
     withdraws it: the server never receives it."""
@@ -276,7 +276,7 @@ def test_interrupted_command_is_withdrawn(
 
 
 def test_unsent_commands_do_not_pile_up(
-        peer: BlockingPeer,
+        peer: FakeConnection,
         pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """Commands that time out to a server that does not read hold no
     memory afterwards (300 of 100 kB used to keep some 30 MB)."""
@@ -307,7 +307,7 @@ def test_close_is_prompt_with_unwritten_data(
     take the whole 5 s close timeout); the command in flight ends with
     ExecInterruptedError."""
     client = qemu_client(qemu.path)
-    os.kill(qemu.proc.pid, signal.SIGSTOP)
+    os.kill(qemu.pid, signal.SIGSTOP)
     try:
         sending = pool.submit(client.execute, "object-add", {
             "qom-type": "secret", "id": "big", "data": "x" * (4 << 20)})
@@ -318,7 +318,7 @@ def test_close_is_prompt_with_unwritten_data(
         with pytest.raises(ExecInterruptedError):
             sending.result(BOUND)
     finally:
-        os.kill(qemu.proc.pid, signal.SIGCONT)
+        os.kill(qemu.pid, signal.SIGCONT)
     assert client.runstate is Runstate.IDLE
 
 
@@ -326,7 +326,7 @@ def test_close_is_prompt_with_unwritten_data(
 # 6 and 7. Deep nesting and non-string keys.
 
 def test_deeply_nested_server_line_is_a_parse_error(
-        peer: BlockingPeer,
+        peer: FakeConnection,
         pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """A server line nested 100,000 deep ends the session with
     ServerParseError (it used to be a RecursionError): the call in
@@ -404,7 +404,7 @@ def test_shell_deep_dotted_key_is_one_error_line(qemu: QEMU) -> None:
 # ----------------------------------------------------------------------
 # 8. The event queue: memory in proportion, and an opt-in cap.
 
-def send_events(peer: BlockingPeer, count: int) -> int:
+def send_events(peer: FakeConnection, count: int) -> int:
     """Have `peer` send `count` events like QEMU's, then a reply to
     the command it reads first; returns the bytes of one event."""
     line = (b'{"timestamp": {"seconds": 1764510000, "microseconds": '
@@ -417,7 +417,7 @@ def send_events(peer: BlockingPeer, count: int) -> int:
 
 
 def test_queued_events_cost_in_proportion(
-        peer: BlockingPeer,
+        peer: FakeConnection,
         pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """100,000 unread events hold at most 4x their size on the wire
     (they used to hold some 13x), and come out unchanged, in order."""
@@ -442,7 +442,7 @@ def test_queued_events_cost_in_proportion(
 
 
 def test_event_cap_drops_the_oldest_counted_and_logged(
-        peer: BlockingPeer, pool: concurrent.futures.ThreadPoolExecutor,
+        peer: FakeConnection, pool: concurrent.futures.ThreadPoolExecutor,
         caplog: pytest.LogCaptureFixture) -> None:
     """With max_queued_events=100, 1,000 unread events leave the newest
     100 queued, in order; dropped_events says 900, and one warning was

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import QEMU
+from peers import QEMU
 
 BOUND = 30.0
 

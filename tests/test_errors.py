@@ -11,8 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import QEMU
-from peers import blocked_in_call
+from peers import QEMU, blocked_in_call
 
 from qmp_sync import (
     ConnectError,
@@ -82,8 +81,8 @@ def test_calls_after_qemu_died_say_the_connection_was_lost(
     client = QMPSyncClient(qemu.path)
     client.connect(timeout=BOUND)
     waiting = pool.submit(client.event_wait, "NEVER", BOUND)
-    os.kill(qemu.proc.pid, signal.SIGKILL)
-    qemu.proc.wait(BOUND)
+    os.kill(qemu.pid, signal.SIGKILL)
+    qemu.wait(BOUND)
     with pytest.raises(StateError) as waited:
         waiting.result(BOUND)
     with pytest.raises(StateError) as executed:
@@ -106,14 +105,14 @@ def test_command_in_flight_when_qemu_dies(qemu: QEMU) -> None:
     and what ended the session."""
     client = QMPSyncClient(qemu.path)
     client.connect(timeout=BOUND)
-    os.kill(qemu.proc.pid, signal.SIGSTOP)
+    os.kill(qemu.pid, signal.SIGSTOP)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.execute, "query-status", timeout=BOUND)
         blocked_in_call(running)  # type: ignore[arg-type]
         # A barrier: the loop runs this after it has sent the command.
         with client.listen():
             pass
-        os.kill(qemu.proc.pid, signal.SIGKILL)
+        os.kill(qemu.pid, signal.SIGKILL)
         with pytest.raises(ExecInterruptedError) as info:
             running.result(BOUND)
     assert "'query-status' was interrupted" in str(info.value)
@@ -126,8 +125,8 @@ def test_legacy_calls_after_qemu_died(qemu: QEMU) -> None:
     for qemu.qmp.legacy catches as qemu.qmp's StateError."""
     with QEMUMonitorProtocol(qemu.path) as legacy:
         legacy.connect()
-        os.kill(qemu.proc.pid, signal.SIGKILL)
-        qemu.proc.wait(BOUND)
+        os.kill(qemu.pid, signal.SIGKILL)
+        qemu.wait(BOUND)
         with pytest.raises(StateError, match="lost its connection"):
             legacy.pull_event(wait=BOUND)
         with pytest.raises(StateError, match="lost its connection"):

@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import QEMU, MultiQEMU, start_qemu
-from peers import GREETING, BlockingPeer
+from peers import QEMU, start_qemu
 
 from qmp_sync import ConnectError, ExecuteError, QMPError, Runstate
+from qmp_sync.fake_server import DEFAULT_GREETING as GREETING
+from qmp_sync.fake_server import FakeConnection
 from qmp_sync.legacy import QEMUMonitorProtocol, QMPBadPortError
 
 #: Longest wait for QEMU to start and connect, in seconds.
@@ -66,7 +67,7 @@ def qemu_connecting_to(path: str) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=QEMU_TIMEOUT)
 
 
-def connect_to_peer(client: QEMUMonitorProtocol, peer: BlockingPeer,
+def connect_to_peer(client: QEMUMonitorProtocol, peer: FakeConnection,
                     pool: ThreadPoolExecutor) -> None:
     """Connect `client` to `peer`, which greets and answers
     qmp_capabilities meanwhile."""
@@ -78,7 +79,7 @@ def connect_to_peer(client: QEMUMonitorProtocol, peer: BlockingPeer,
 
 
 @pytest.fixture
-def peer_client(peer: BlockingPeer, pool: ThreadPoolExecutor
+def peer_client(peer: FakeConnection, pool: ThreadPoolExecutor
                 ) -> Iterator[QEMUMonitorProtocol]:
     """A legacy client connected to `peer`."""
     client = QEMUMonitorProtocol(peer.client_sock)
@@ -105,6 +106,7 @@ def legacy(qemu: QEMU, pool: ThreadPoolExecutor
 # Driven as QEMUMachine drives it, against real QEMU.
 
 
+@pytest.mark.qemu
 def test_server_mode_like_qemumachine(tmp_path: Path) -> None:
     """Server mode: listen, QEMU connects, accept() returns the greeting
     as a plain dict; commands work; 'quit' then close() is a clean
@@ -125,6 +127,7 @@ def test_server_mode_like_qemumachine(tmp_path: Path) -> None:
         client.close()
 
 
+@pytest.mark.qemu
 def test_socket_mode_like_qemumachine() -> None:
     """Socket mode: one end of a socketpair given to QEMU, the other to
     the client; connect() returns the greeting and commands work."""
@@ -163,7 +166,7 @@ def test_path_mode_connect_returns_greeting(qemu: QEMU) -> None:
 
 
 def test_connect_without_negotiation_returns_none(
-        peer: BlockingPeer, pool: ThreadPoolExecutor) -> None:
+        peer: FakeConnection, pool: ThreadPoolExecutor) -> None:
     """connect(negotiate=False) to a server that neither greets nor
     negotiates (qemu-ga) returns None, sends no qmp_capabilities, and
     commands work."""
@@ -313,7 +316,7 @@ def test_events_pull_get_and_clear(legacy: QEMUMonitorProtocol) -> None:
     assert legacy.get_events() == []
 
 
-def test_events_queue_while_the_caller_is_idle(qemu2: MultiQEMU) -> None:
+def test_events_queue_while_the_caller_is_idle(qemu2: QEMU) -> None:
     """Events caused from another monitor while the legacy client is
     left alone are all queued, none lost, in order."""
     idle = QEMUMonitorProtocol(qemu2.paths[0])
@@ -396,7 +399,7 @@ def test_parse_address_bad_port() -> None:
 
 
 def test_idless_cmd_obj_after_timeout_gets_its_own_reply(
-        peer: BlockingPeer, pool: ThreadPoolExecutor,
+        peer: FakeConnection, pool: ThreadPoolExecutor,
         peer_client: QEMUMonitorProtocol) -> None:
     """After a cmd_obj timeout, the late reply is dropped and the next
     cmd_obj gets its own reply. (The original sends an id-less message
@@ -434,6 +437,7 @@ def test_pull_event_integer_wait_is_seconds(
     assert pool.submit(timed_pull).result(timeout=WAIT) >= 0.9
 
 
+@pytest.mark.qemu
 def test_accept_again_after_accept_timeout(tmp_path: Path) -> None:
     """When nobody connects in time, accept() raises TimeoutError and
     keeps listening: a second accept() takes QEMU's connection. (The
@@ -506,7 +510,7 @@ def test_four_threads_share_one_instance(
 
 
 def test_dropped_instance_warns_and_releases_its_socket(
-        peer: BlockingPeer, pool: ThreadPoolExecutor) -> None:
+        peer: FakeConnection, pool: ThreadPoolExecutor) -> None:
     """An instance garbage-collected without close() warns with a
     ResourceWarning and hangs up: the server sees the end of stream."""
     client = QEMUMonitorProtocol(peer.client_sock)

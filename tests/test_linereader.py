@@ -12,10 +12,10 @@ import json
 import socket
 
 import pytest
-from peers import GREETING
 
 from qmp_sync import ExecInterruptedError, Message, QMPClient, Runstate
 from qmp_sync._linereader import LineReader, LineTooLong, PushTarget
+from qmp_sync.fake_server import DEFAULT_GREETING as GREETING
 from qmp_sync.protocol import MessageTooLargeError
 from qmp_sync.qmp_client import ServerParseError
 

@@ -7,18 +7,26 @@ script written for QEMU's own ``QEMUMachine`` run unchanged through
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import qemu_binary
-from peers import pid_exists
+from peers import blocked_in_call, pid_exists, qemu_binary
 
-from qmp_sync import ExecuteError
-from qmp_sync.machine import AbnormalShutdown, QEMUMachine, VMLaunchFailure
+from qmp_sync import ExecInterruptedError, ExecuteError
+from qmp_sync.machine import (
+    AbnormalShutdown,
+    QEMUMachine,
+    QEMUMachineError,
+    VMLaunchFailure,
+)
+
+pytestmark = pytest.mark.qemu
 
 BOUND = 10.0
 GUESTLESS = ("-machine", "none", "-nodefaults")
@@ -219,3 +227,145 @@ vm.launch()
     assert leftover == "", leftover
     assert all(not pid_exists(pid) for pid in launched)
     assert list(tmp_path.iterdir()) == []
+
+
+def open_fds() -> set[str]:
+    """This process's open file descriptors."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_twenty_launches_leave_nothing(tmp_path: Path) -> None:
+    """Twenty launches, shut down in turn gracefully, hard, after quit
+    and after an external SIGKILL, leave no process, no open file
+    descriptor, no socket and no temporary file."""
+    fds = open_fds()
+    pids = []
+    for round_ in range(20):
+        vm = machine(tmp_path)
+        vm.launch()
+        pid = vm.get_pid()
+        assert pid is not None
+        pids.append(pid)
+        way = round_ % 4
+        if way == 0:
+            vm.shutdown()
+        elif way == 1:
+            vm.shutdown(hard=True)
+        elif way == 2:
+            assert vm.cmd("quit") == {}
+            vm.shutdown()  # QEMU quit by itself: only reaped here
+            assert vm.exitcode() == 0
+        else:
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(AbnormalShutdown):
+                vm.shutdown()
+        assert not vm.is_running()
+    assert not [pid for pid in pids if pid_exists(pid)]
+    assert list(tmp_path.iterdir()) == []
+    assert open_fds() <= fds
+
+
+def fdsets(vm: QEMUMachine) -> dict[int, list[str]]:
+    """QEMU's fdsets: id -> the opaque strings of their fds."""
+    return {fdset["fdset-id"]: [fd.get("opaque", "") for fd in fdset["fds"]]
+            for fdset in vm.cmd("query-fdsets")}  # type: ignore[union-attr]
+
+
+def test_fds_passed_at_launch_and_later_land_in_qemu(tmp_path: Path
+                                                     ) -> None:
+    """add_fd() hands a file to QEMU at launch, in its fdset;
+    send_fd_scm() passes one (or a file by name) to a running QEMU for
+    add-fd and getfd."""
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 512)
+    with open(data, "rb") as at_launch, open(data, "rb") as later:
+        vm = machine(tmp_path)
+        vm.add_fd(at_launch.fileno(), 1, "at-launch", "")
+        vm.launch()
+        try:
+            assert fdsets(vm) == {1: ["at-launch"]}
+            vm.send_fd_scm(later.fileno())
+            vm.cmd("add-fd", fdset_id=2, opaque="later")
+            assert fdsets(vm) == {1: ["at-launch"], 2: ["later"]}
+            vm.send_fd_scm(file_path=str(data))
+            vm.cmd("getfd", fdname="by-name")
+            vm.cmd("closefd", fdname="by-name")  # it was there
+            with pytest.raises(ExecuteError):
+                vm.cmd("closefd", fdname="by-name")
+            with pytest.raises(ValueError):
+                vm.send_fd_scm()
+        finally:
+            vm.shutdown()
+
+
+def test_console_socket(tmp_path: Path) -> None:
+    """set_console() gives QEMU a serial console on a socket in the
+    temporary directory; console_socket connects to it (QEMU reports the
+    chardev connected) and is closed at shutdown."""
+    vm = machine(tmp_path)
+    with pytest.raises(QEMUMachineError):
+        vm.console_socket  # noqa: B018 (a property that raises)
+    vm.set_console()
+    vm.launch()
+    try:
+        def console() -> str:
+            chardevs = vm.cmd("query-chardev")
+            assert isinstance(chardevs, list)
+            return next(chardev["filename"] for chardev in chardevs
+                        if chardev["label"] == "console")
+
+        assert console().startswith("disconnected:unix:")
+        sock = vm.console_socket
+        assert vm.console_socket is sock
+        for _ in range(int(BOUND / 0.01)):
+            if not console().startswith("disconnected:"):
+                break
+            subprocess.run(["sleep", "0.01"], check=True)  # polling
+        assert console().startswith("unix:"), console()
+    finally:
+        vm.shutdown()
+    assert sock.fileno() == -1
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_monitor_address_qemu_connects_to_us(tmp_path: Path, family: str
+                                             ) -> None:
+    """With monitor_address the machine listens and QEMU connects to it
+    (QEMU's own QEMUMachine does the same); the socket file goes at
+    shutdown."""
+    if family == "unix":
+        address: str | tuple[str, int] = str(tmp_path / "monitor.sock")
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = probe.getsockname()
+    base = tmp_path / "base"
+    base.mkdir()
+    vm = QEMUMachine(qemu_binary(), args=GUESTLESS, base_temp_dir=str(base),
+                     monitor_address=address)
+    vm.launch()
+    assert vm.cmd("query-status")["status"] == "running"  # type: ignore
+    vm.shutdown()
+    assert vm.exitcode() == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]
+
+
+def test_qemu_dying_under_a_command_names_its_exit_status(
+        tmp_path: Path, pool: concurrent.futures.ThreadPoolExecutor
+        ) -> None:
+    """A QEMU that dies while a command waits for its reply: the command
+    ends with ExecInterruptedError naming QEMU's exit status."""
+    vm = machine(tmp_path)
+    vm.launch()
+    pid = vm.get_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it reads nothing: the command waits
+    try:
+        waiting = pool.submit(vm.cmd, "query-status")
+        blocked_in_call(waiting)  # type: ignore[arg-type]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ExecInterruptedError, match="exit status -9"):
+        waiting.result(BOUND)
+    with pytest.raises(AbnormalShutdown):
+        vm.shutdown()

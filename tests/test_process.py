@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import QEMU, MultiQEMU
+from peers import QEMU
 
 from qmp_sync import Message, QMPError, QMPSyncClient
 
@@ -27,45 +27,13 @@ CHILD_TIMEOUT = 15.0
 PROMPT = 5.0
 EVENT_TIMEOUT = 10.0
 
-#: A QMP server on a socketpair for child programs, driven with blocking
-#: calls (every read bounded); only for faults QEMU will not produce.
+#: The fake QMP server for child programs, on a socketpair: only for
+#: faults QEMU will not produce on demand.
 PEER = '''
-import json
-import socket
+from qmp_sync.fake_server import DEFAULT_GREETING as GREETING
+from qmp_sync.fake_server import FakeConnection
 
-GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 0,
-                                         "major": 9}, "package": ""},
-                    "capabilities": []}}
-
-
-class Peer:
-    def __init__(self):
-        self.client_sock, self.sock = socket.socketpair()
-        self.sock.settimeout(10)
-        self.stream = self.sock.makefile("rb")
-
-    def send(self, msg):
-        self.sock.sendall(json.dumps(msg).encode() + b"\\n")
-
-    def recv(self):
-        line = self.stream.readline()
-        if not line:
-            raise EOFError("the client hung up")
-        return json.loads(line)
-
-    def answer(self, name, value):
-        cmd = self.recv()
-        assert cmd["execute"] == name, cmd
-        self.send({"return": value, "id": cmd["id"]})
-        return cmd
-
-    def handshake(self):
-        self.send(GREETING)
-        self.answer("qmp_capabilities", {})
-
-    def close(self):
-        self.stream.close()
-        self.sock.close()
+Peer = FakeConnection.socketpair
 '''
 
 # asyncio's debug mode (-X dev) reports slow callbacks; a loaded machine
@@ -139,8 +107,8 @@ def test_keyboard_interrupt_in_execute_leaves_client_usable() -> None:
             signal.pthread_kill(main, signal.SIGINT)
             assert interrupted.wait(10), "no KeyboardInterrupt"
             peer.send({"return": "late", "id": slow["id"]})
-            peer.answer("next", "next-value")
-            assert peer.stream.read() == b"", "no hang-up"
+            assert peer.answer("next-value")["execute"] == "next"
+            assert peer.at_eof(), "no hang-up"
 
         server = threading.Thread(target=serve)
         server.start()
@@ -196,8 +164,8 @@ def test_keyboard_interrupt_in_event_waits(loop: str) -> None:
                         break
                     time.sleep(0.001)  # polling a condition, bounded
                 signal.pthread_kill(main, signal.SIGINT)
-            peer.answer("next", "next-value")
-            assert peer.stream.read() == b"", "no hang-up"
+            assert peer.answer("next-value")["execute"] == "next"
+            assert peer.at_eof(), "no hang-up"
 
         server = threading.Thread(target=serve)
         server.start()
@@ -348,8 +316,7 @@ peer = Peer()
 at_last.append(peer.close)  # the server hangs up only after exit
 peer.send(GREETING)
 client = QMPSyncClient()
-handshake = threading.Thread(target=peer.answer,
-                             args=("qmp_capabilities", {}))
+handshake = threading.Thread(target=peer.answer)
 handshake.start()
 client.open_with_socket(peer.client_sock, timeout=10)
 handshake.join(10)
@@ -377,7 +344,7 @@ def test_exit_with_command_in_flight_is_quiet() -> None:
     assert_clean(run_child(COMMAND_IN_FLIGHT, peer=True), "EXITING")
 
 
-def test_fork_inherited_client_fails_new_client_works(qemu2: MultiQEMU
+def test_fork_inherited_client_fails_new_client_works(qemu2: QEMU
                                                       ) -> None:
     """After fork() an inherited client raises a QMPError naming fork
     (never hangs), a client made in the child works, and the parent's

@@ -6,12 +6,13 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import QEMU, qemu_binary, start_qemu
+from peers import QEMU, qemu_binary, start_qemu
 
 from qmp_sync import ConnectError, ExecuteError, QMPClient, Runstate
 
@@ -126,6 +127,7 @@ async def test_getfd_with_passed_fd(qemu: QEMU, tmp_path: Path) -> None:
     await client.disconnect()
 
 
+@pytest.mark.qemu
 async def test_qemu_connects_to_us(tmp_path: Path) -> None:
     """start_server + accept: QEMU is the socket client (server=off)."""
     path = str(tmp_path / "listen.sock")
@@ -148,6 +150,7 @@ async def test_qemu_connects_to_us(tmp_path: Path) -> None:
         proc.wait()
 
 
+@pytest.mark.qemu
 async def test_qemu_on_a_socketpair() -> None:
     """open_with_socket on one end of a socketpair, QEMU on the other."""
     mine, theirs = socket.socketpair()
@@ -174,7 +177,7 @@ async def test_quit_ends_the_session_cleanly(qemu: QEMU) -> None:
     await client.disconnect()
     assert client.runstate is Runstate.IDLE
     assert await asyncio.get_running_loop().run_in_executor(
-        None, qemu.proc.wait, 30) == 0
+        None, qemu.wait, 30) == 0
 
 
 async def test_killed_qemu_interrupts_and_reconnect_fails_clearly(
@@ -184,7 +187,7 @@ async def test_killed_qemu_interrupts_and_reconnect_fails_clearly(
     reset), and connecting again is a ConnectError, not a hang."""
     client = await connected(qemu)
     await client.execute("stop")
-    qemu.kill()
+    os.kill(qemu.pid, signal.SIGKILL)
     while client.runstate is Runstate.RUNNING:
         await client.runstate_changed()
     await client.disconnect()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from peers import GREETING, FakeQMP
+from peers import AsyncPeer
 
 from qmp_sync import (
     ConnectError,
@@ -24,6 +24,8 @@ from qmp_sync import (
     Runstate,
     StateError,
 )
+from qmp_sync.fake_server import DEFAULT_GREETING as GREETING
+from qmp_sync.fake_server import FakeQMPServer
 from qmp_sync.message import encode
 from qmp_sync.protocol import MessageTooLargeError
 from qmp_sync.qmp_client import (
@@ -36,10 +38,10 @@ from qmp_sync.qmp_client import (
 
 async def connect(client: QMPClient | None = None,
                   capabilities: tuple[str, ...] = ("oob",)
-                  ) -> tuple[QMPClient, FakeQMP]:
+                  ) -> tuple[QMPClient, AsyncPeer]:
     """A client in RUNNING state, talking to a fresh fake server."""
     client = client or QMPClient("test")
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
     await asyncio.gather(client.open_with_socket(fake.client_sock),
                          fake.handshake(capabilities))
     return client, fake
@@ -82,7 +84,7 @@ async def test_greeting_and_oob_negotiation() -> None:
 async def test_bad_greeting(first: object, error: str) -> None:
     """A malformed greeting fails connect with ConnectError, back in IDLE."""
     client = QMPClient()
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
     await fake.send(first)  # type: ignore[arg-type]
     with pytest.raises(ConnectError, match=error) as info:
         await client.open_with_socket(fake.client_sock)
@@ -95,7 +97,7 @@ async def test_event_before_the_greeting() -> None:
     """An event sent before the greeting (QEMU does, as it starts) is no
     protocol error: it is delivered, and the session opens."""
     client = QMPClient()
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
     event = {"event": "RESUME", "timestamp": {"seconds": 1,
                                               "microseconds": 2}}
     await fake.send(event)
@@ -109,10 +111,11 @@ async def test_event_before_the_greeting() -> None:
 async def test_server_hangs_up_before_greeting() -> None:
     """EOF instead of a greeting is a GreetingError that says so."""
     client = QMPClient()
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
+    client_sock = fake.client_sock
     await fake.close()
     with pytest.raises(ConnectError, match="instead of greeting") as info:
-        await client.open_with_socket(fake.client_sock)
+        await client.open_with_socket(client_sock)
     assert isinstance(info.value.exc, GreetingError)
     assert client.runstate is Runstate.IDLE
 
@@ -121,7 +124,7 @@ async def test_server_that_never_greets() -> None:
     """A silent server: the caller's timeout ends connect, back in IDLE,
     and the same client connects fine afterwards."""
     client = QMPClient()
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.open_with_socket(fake.client_sock),
                                0.1)
@@ -148,7 +151,7 @@ async def test_negotiation_fails(
     """An error reply to qmp_capabilities, or a second greeting in its
     place, is a NegotiationError that says which; back to IDLE."""
     client = QMPClient()
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
 
     async def negotiate() -> None:
         await fake.send(GREETING)
@@ -168,7 +171,7 @@ async def test_no_greeting_no_negotiation() -> None:
     client = QMPClient()
     client.await_greeting = False
     client.negotiate = False
-    fake = await FakeQMP.create()
+    fake = await AsyncPeer.create()
     await client.open_with_socket(fake.client_sock)
     assert client.greeting is None
     task = asyncio.ensure_future(client.execute("guest-ping"))
@@ -516,27 +519,12 @@ async def test_send_fd_scm_errors() -> None:
     assert client.runstate is Runstate.RUNNING
     await client.disconnect()
 
-    server = await asyncio.start_server(
-        lambda r, w: fake_tcp(r, w), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = QMPClient()
-    await client.connect(("127.0.0.1", port))
-    with pytest.raises(QMPError, match="unix socket"):
-        client.send_fd_scm(0)
-    await client.disconnect()
-    server.close()
-
-
-async def fake_tcp(reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter) -> None:
-    """A minimal QMP server over TCP: greet, accept capabilities, wait."""
-    writer.write(json.dumps(GREETING).encode() + b"\r\n")
-    cmd = json.loads(await reader.readline())
-    writer.write(json.dumps({"id": cmd["id"], "return": {}}).encode()
-                 + b"\r\n")
-    await reader.read()
-    writer.close()
-
+    with FakeQMPServer(tcp=True) as server:
+        client = QMPClient()
+        await client.connect(server.address)
+        with pytest.raises(QMPError, match="unix socket"):
+            client.send_fd_scm(0)
+        await client.disconnect()
 
 
 async def test_calls_from_another_thread_or_loop_are_refused() -> None:

@@ -21,16 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import (
-    QEMU,
-    QEMU_ARGS,
-    GuestAgent,
-    MultiQEMU,
-    qemu_binary,
-    start_qemu,
-)
+from peers import QEMU, QEMU_ARGS, GuestAgent, qemu_binary, start_qemu
 
 from qmp_sync import QMPSyncClient
+from qmp_sync.machine import QEMUMachine
 from qmp_sync.shell import cli, main, wrap_main
 from qmp_sync.shell.completion import complete_hmp, complete_qmp
 from qmp_sync.shell.schema import HumanCommands, Schema
@@ -264,11 +258,11 @@ def test_quit_as_the_last_line_exits_0(
         qemu: QEMU, shell: Callable[..., Run]) -> None:
     """`quit` as the last line exits 0, and QEMU is gone."""
     assert shell([qemu.path], "quit").status == 0
-    qemu.proc.wait(timeout=10)
+    qemu.wait(10)
 
 
 def test_lost_connection_is_one_line_and_status_3(
-        qemu2: MultiQEMU, shell: Callable[..., Run]) -> None:
+        qemu2: QEMU, shell: Callable[..., Run]) -> None:
     """When QEMU goes away under a script, the shell says so in one line
     and exits 3."""
     with QMPSyncClient(qemu2.paths[1]) as other:
@@ -348,6 +342,7 @@ def processes_named(name: str) -> list[int]:
     return found
 
 
+@pytest.mark.qemu
 def test_wrap_runs_the_shell_and_leaves_no_qemu(
         shell: Callable[..., Run], tmp_path: Path) -> None:
     """qmp-shell-wrap starts QEMU on a private monitor, runs the script,
@@ -363,6 +358,7 @@ def test_wrap_runs_the_shell_and_leaves_no_qemu(
     assert processes_named(name) == []
 
 
+@pytest.mark.qemu
 def test_wrap_reports_a_qemu_that_fails_to_start(
         shell: Callable[..., Run]) -> None:
     """A QEMU command line that QEMU refuses, or a missing binary: one
@@ -390,6 +386,7 @@ def bare_qemu() -> Iterator[subprocess.Popen[bytes]]:
         process.wait(timeout=10)
 
 
+@pytest.mark.qemu
 def test_stop_qemu_sends_sigterm_then_sigkill(
         bare_qemu: subprocess.Popen[bytes]) -> None:
     """A QEMU that does not exit is sent SIGTERM; one that cannot even
@@ -414,13 +411,11 @@ def test_stop_qemu_sends_sigterm_then_sigkill(
 @pytest.fixture(scope="module")
 def schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schema]:
     """QEMU's schema, as the shell reads it."""
-    from conftest import start_qemu_monitors
-
-    with start_qemu_monitors(tmp_path_factory.mktemp("schema"), 1) as vm, \
-            QMPSyncClient(vm.path) as client:
-        client.connect()
-        commands = client.execute("query-commands")
-        entities = client.execute("query-qmp-schema")
+    with QEMUMachine(qemu_binary(), args=QEMU_ARGS, base_temp_dir=str(
+            tmp_path_factory.mktemp("schema"))) as vm:
+        vm.launch()
+        commands = vm.cmd("query-commands")
+        entities = vm.cmd("query-qmp-schema")
     assert isinstance(commands, list) and isinstance(entities, list)
     yield Schema([c["name"] for c in commands], entities)
 

@@ -11,18 +11,16 @@ import os
 import re
 import select
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pexpect
 import pytest
-from conftest import QEMU, QEMU_ARGS, GuestAgent, MultiQEMU, qemu_binary
-from peers import pid_exists
+from peers import QEMU, QEMU_ARGS, GuestAgent, pid_exists, qemu_binary
 
 from qmp_sync import QMPSyncClient
+from qmp_sync.fake_server import FakeQMPServer
 
 # Upper bound of any single wait in these tests.
 BOUND = 10.0
@@ -33,10 +31,6 @@ CTRL_P = "\x10"
 ENTER = "\r"
 STATUS_REPLY = '"status": "running"'
 
-GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2,
-                                         "major": 7},
-                                "package": ""},
-                    "capabilities": []}}
 
 
 def program(name: str) -> str:
@@ -176,7 +170,7 @@ def test_tab_completes_an_argument_name(qemu: QEMU, tmp_path: Path) -> None:
         assert leave(child) == 0, output(child)
 
 
-def test_event_at_idle_prompt_keeps_the_line(qemu2: MultiQEMU,
+def test_event_at_idle_prompt_keeps_the_line(qemu2: QEMU,
                                              tmp_path: Path) -> None:
     """An event shows at once at the prompt; the typed line survives."""
     with shell(tmp_path, "--history", "", qemu2.paths[0]) as child:
@@ -193,7 +187,7 @@ def test_event_at_idle_prompt_keeps_the_line(qemu2: MultiQEMU,
             assert leave(child) == 0, output(child)
 
 
-def test_event_above_a_line_that_wraps(qemu2: MultiQEMU,
+def test_event_above_a_line_that_wraps(qemu2: QEMU,
                                        tmp_path: Path) -> None:
     """A line longer than the terminal is wide is erased whole, from
     the row of its prompt, before an event is printed above it; and
@@ -313,7 +307,7 @@ def test_quit(qemu: QEMU, tmp_path: Path) -> None:
     assert '{"return": {}}' in text, text
     assert '"event": "SHUTDOWN"' in text, text
     assert "Error" not in text and "Traceback" not in text, text
-    qemu.proc.wait(timeout=BOUND)
+    qemu.wait(BOUND)
 
 
 def test_help_describes_arguments(qemu: QEMU, tmp_path: Path) -> None:
@@ -332,80 +326,29 @@ def test_help_describes_arguments(qemu: QEMU, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------
 # Ctrl-C while a command waits: a fake monitor that never answers.
 
-class FakeMonitor:
-    """The server side of one connection, read a line at a time."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.settimeout(BOUND)
-        self._buffer = b""
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def receive(self) -> dict[str, Any]:
-        """The next message (bounded wait)."""
-        while b"\n" not in self._buffer:
-            data = self.sock.recv(4096)
-            if not data:
-                pytest.fail("the shell hung up")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        msg: dict[str, Any] = json.loads(line)
-        return msg
-
-    def command(self, name: str) -> dict[str, Any]:
-        """Read commands until `name`, answering the shell's schema
-        queries on the way; return the `name` command."""
-        while True:
-            msg = self.receive()
-            execute = msg.get("execute")
-            if execute == name:
-                return msg
-            if execute == "query-commands":
-                self.send({"return": [{"name": "slow"},
-                                      {"name": "query-status"}],
-                           "id": msg.get("id")})
-            elif execute == "query-qmp-schema":
-                self.send({"error": {"class": "CommandNotFound",
-                                     "desc": "x"},
-                           "id": msg.get("id")})
-            else:
-                pytest.fail(f"unexpected message {msg}")
-
-
 def test_ctrl_c_while_a_command_waits(tmp_path: Path) -> None:
     """Ctrl-C while a command waits gives the prompt back; work goes on."""
-    path = str(tmp_path / "fake.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-        listener.settimeout(BOUND)
-        with shell(tmp_path, "--history", "", path) as child:
-            conn, _ = listener.accept()
-            with conn:
-                fake = FakeMonitor(conn)
-                fake.send(GREETING)
-                negotiation = fake.receive()
-                assert negotiation["execute"] == "qmp_capabilities"
-                fake.send({"return": {}, "id": negotiation.get("id")})
-                at_prompt(child)
-                child.send("slow" + ENTER)
-                fake.command("slow")
-                child.send(CTRL_C)
-                child.expect_exact("Error: interrupted")
-                at_prompt(child)
-                child.send("query-status" + ENTER)
-                status = fake.command("query-status")
-                fake.send({"return": {"status": "running",
-                                      "singlestep": False,
-                                      "running": True},
-                           "id": status.get("id")})
-                child.expect_exact(STATUS_REPLY)
-                at_prompt(child)
-                child.sendeof()
-                # The interrupted command is not known to have worked.
-                assert exit_status(child) == 1, output(child)
+    with FakeQMPServer() as fake:
+        fake.reply("query-commands", [{"name": "slow"},
+                                      {"name": "query-status"}])
+        fake.fault("slow", "stall")
+        fake.reply("query-status", {"status": "running",
+                                    "singlestep": False, "running": True})
+        with shell(tmp_path, "--history", "", str(fake.address)) as child:
+            at_prompt(child)
+            child.send("slow" + ENTER)
+            fake.wait_for("slow", timeout=BOUND)
+            child.send(CTRL_C)
+            child.expect_exact("Error: interrupted")
+            at_prompt(child)
+            child.send("query-status" + ENTER)
+            child.expect_exact(STATUS_REPLY)
+            at_prompt(child)
+            child.sendeof()
+            # The interrupted command is not known to have worked.
+            assert exit_status(child) == 1, output(child)
+    assert fake.commands[0] == "qmp_capabilities"
+    fake.assert_received("query-status", times=1)
     assert "Traceback" not in output(child)
 
 
@@ -429,6 +372,7 @@ def wrapped_qemu(tmp_path: Path) -> Iterator[tuple[pexpect.spawn, Path]]:
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
+@pytest.mark.qemu
 def test_wrap_leaves_no_qemu_behind(tmp_path: Path) -> None:
     """qmp-shell-wrap ends and reaps its QEMU when the user leaves."""
     with wrapped_qemu(tmp_path) as (child, pidfile):
@@ -444,6 +388,7 @@ def test_wrap_leaves_no_qemu_behind(tmp_path: Path) -> None:
         assert "did not quit" not in output(child)
 
 
+@pytest.mark.qemu
 def test_wrap_user_quits(tmp_path: Path) -> None:
     """qmp-shell-wrap exits with status 0 after the user's 'quit'."""
     with wrapped_qemu(tmp_path) as (child, pidfile):

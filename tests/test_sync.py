@@ -13,11 +13,10 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
-from conftest import QEMU, MultiQEMU, start_qemu, start_qemu_monitors
-from peers import GREETING, BlockingPeer, peer_client, qemu_client
+from peers import QEMU, monitor_args, peer_client, qemu_client, start_qemu
 
 from qmp_sync import (
     ConnectError,
@@ -28,6 +27,9 @@ from qmp_sync import (
     Runstate,
     StateError,
 )
+from qmp_sync.fake_server import DEFAULT_GREETING as GREETING
+from qmp_sync.fake_server import FakeConnection
+from qmp_sync.machine import QEMUMachine
 from qmp_sync.qmp_client import ServerParseError
 from qmp_sync.sync import event_match
 
@@ -96,7 +98,7 @@ def test_event_wait_stop(qemu: QEMU) -> None:
         assert client.get_events() == []
 
 
-def test_events_queue_while_idle_in_order(qemu2: MultiQEMU) -> None:
+def test_events_queue_while_idle_in_order(qemu2: QEMU) -> None:
     """Events sent while the caller does nothing are all queued, in
     order (STOP/RESUME bursts caused from a second monitor)."""
     with QMPSyncClient(qemu2.paths[0]) as idle, \
@@ -113,7 +115,7 @@ def test_events_queue_while_idle_in_order(qemu2: MultiQEMU) -> None:
         assert idle.pull_event() is None
 
 
-def test_events_queue_while_in_execute(qemu2: MultiQEMU) -> None:
+def test_events_queue_while_in_execute(qemu2: QEMU) -> None:
     """Events that arrive while the caller waits in execute() are
     queued too, none lost, order kept."""
     with QMPSyncClient(qemu2.paths[0]) as busy, \
@@ -167,11 +169,13 @@ def test_threads_share_one_client(qemu: QEMU) -> None:
         assert results == list(range(8))
 
 
-def test_fifty_clients_one_loop_thread(tmp_path: Path) -> None:
+def test_fifty_clients_one_loop_thread(
+        qemu_machine: Callable[..., QEMUMachine], tmp_path: Path) -> None:
     """50 clients (one QEMU with 50 monitors) share the one loop
     thread."""
-    vm = start_qemu_monitors(tmp_path, 50)
-    clients = [QMPSyncClient(path) for path in vm.paths]
+    args, paths = monitor_args(tmp_path, 50)
+    vm = qemu_machine(*args)
+    clients = [QMPSyncClient(path) for path in paths]
     try:
         for client in clients:
             client.connect(timeout=BOUND)
@@ -195,7 +199,7 @@ def test_sigkill_interrupts_commands_in_flight(qemu: QEMU,
     ExecInterruptedError promptly; disconnect() returns to IDLE."""
     client = qemu_client(qemu.path)
     # A stopped QEMU reads nothing, so the commands stay in flight.
-    os.kill(qemu.proc.pid, signal.SIGSTOP)
+    os.kill(qemu.pid, signal.SIGSTOP)
     try:
         calls = [pool.submit(client.execute, "query-status")
                  for _ in range(8)]
@@ -212,6 +216,7 @@ def test_sigkill_interrupts_commands_in_flight(qemu: QEMU,
     assert client.runstate is Runstate.IDLE
 
 
+@pytest.mark.qemu
 def test_retry_until_qemu_starts(tmp_path: Path) -> None:
     """connect(retry_until=...) waits for a QEMU that is still starting
     (its socket does not exist yet)."""
@@ -237,6 +242,7 @@ def test_retry_until_gives_up(tmp_path: Path) -> None:
     assert client.runstate is Runstate.IDLE
 
 
+@pytest.mark.qemu
 def test_accept_qemu_as_client(tmp_path: Path) -> None:
     """start_server + accept take QEMU's connection; an accept() that
     times out leaves the socket listening for the next one."""
@@ -259,6 +265,7 @@ def test_accept_qemu_as_client(tmp_path: Path) -> None:
         proc.wait(BOUND)
 
 
+@pytest.mark.qemu
 def test_open_with_socketpair() -> None:
     """open_with_socket on one end of a socketpair handed to QEMU."""
     mine, theirs = socket.socketpair()
@@ -391,7 +398,7 @@ def test_event_match(value: object, match: object, expected: bool) -> None:
     assert event_match(value, match) is expected
 
 
-def test_event_wait_takes_first_match_leaves_rest(peer: BlockingPeer,
+def test_event_wait_takes_first_match_leaves_rest(peer: FakeConnection,
                                                  pool: Any) -> None:
     """event_wait takes out only the first matching event (queued ones
     first) and leaves every other event queued, in order."""
@@ -419,7 +426,7 @@ def test_event_wait_takes_first_match_leaves_rest(peer: BlockingPeer,
     client.close()
 
 
-def test_event_wait_one_deadline(peer: BlockingPeer, pool: Any) -> None:
+def test_event_wait_one_deadline(peer: FakeConnection, pool: Any) -> None:
     """The timeout of event_wait is one deadline, however many other
     events keep arriving meanwhile."""
     client = peer_client(peer, pool)
@@ -436,7 +443,7 @@ def test_event_wait_one_deadline(peer: BlockingPeer, pool: Any) -> None:
     client.close()
 
 
-def test_pull_event_waits(peer: BlockingPeer, pool: Any) -> None:
+def test_pull_event_waits(peer: FakeConnection, pool: Any) -> None:
     """pull_event: False/0 does not wait, a number is seconds (int or
     float), True waits until an event comes."""
     client = peer_client(peer, pool)
@@ -459,7 +466,7 @@ def test_pull_event_waits(peer: BlockingPeer, pool: Any) -> None:
     client.close()
 
 
-def test_get_events_wait_blocks_until_an_event(peer: BlockingPeer,
+def test_get_events_wait_blocks_until_an_event(peer: FakeConnection,
                                               pool: Any) -> None:
     """get_events(wait=True) with nothing queued waits for an event
     (instead of returning an empty list), then returns all queued."""
@@ -472,7 +479,7 @@ def test_get_events_wait_blocks_until_an_event(peer: BlockingPeer,
     client.close()
 
 
-def test_event_waiters_wake_when_session_ends(peer: BlockingPeer,
+def test_event_waiters_wake_when_session_ends(peer: FakeConnection,
                                              pool: Any) -> None:
     """Threads waiting for events wake with StateError when the session
     ends; already queued events are still returned."""
@@ -493,7 +500,7 @@ def test_event_waiters_wake_when_session_ends(peer: BlockingPeer,
 # ----------------------------------------------------------------------
 # Timeouts, interruptions, faults and bad input.
 
-def test_timeout_drops_late_reply(peer: BlockingPeer, pool: Any) -> None:
+def test_timeout_drops_late_reply(peer: FakeConnection, pool: Any) -> None:
     """A timed-out execute raises the built-in TimeoutError; the late
     reply is dropped and the next command gets its own reply."""
     client = peer_client(peer, pool)
@@ -508,7 +515,7 @@ def test_timeout_drops_late_reply(peer: BlockingPeer, pool: Any) -> None:
     client.close()
 
 
-def test_concurrent_commands_out_of_order(peer: BlockingPeer,
+def test_concurrent_commands_out_of_order(peer: FakeConnection,
                                          pool: Any) -> None:
     """Replies that come in another order still reach their callers."""
     client = peer_client(peer, pool)
@@ -522,7 +529,7 @@ def test_concurrent_commands_out_of_order(peer: BlockingPeer,
     client.close()
 
 
-def test_malformed_json_ends_session(peer: BlockingPeer, pool: Any) -> None:
+def test_malformed_json_ends_session(peer: FakeConnection, pool: Any) -> None:
     """Garbage from the server ends the calls in flight at once with the
     cause chained; disconnect() raises it once; connecting again works."""
     client = peer_client(peer, pool)
@@ -536,7 +543,7 @@ def test_malformed_json_ends_session(peer: BlockingPeer, pool: Any) -> None:
         client.disconnect()
     assert client.runstate is Runstate.IDLE
     client.disconnect()
-    second = BlockingPeer()
+    second = FakeConnection.socketpair()
     try:
         opening = pool.submit(client.open_with_socket, second.client_sock)
         second.handshake()
@@ -549,7 +556,7 @@ def test_malformed_json_ends_session(peer: BlockingPeer, pool: Any) -> None:
         second.close()
 
 
-def test_oversized_reply(peer: BlockingPeer, pool: Any) -> None:
+def test_oversized_reply(peer: FakeConnection, pool: Any) -> None:
     """A reply over readbuflen ends the session with an error that says
     so, not a bare disconnect."""
     client = QMPSyncClient(readbuflen=1000)
@@ -565,7 +572,7 @@ def test_oversized_reply(peer: BlockingPeer, pool: Any) -> None:
         client.disconnect()
 
 
-def test_connect_timeout_never_greeted(peer: BlockingPeer) -> None:
+def test_connect_timeout_never_greeted(peer: FakeConnection) -> None:
     """A server that never greets: connect() raises the built-in
     TimeoutError and the client is IDLE."""
     client = QMPSyncClient()
@@ -576,7 +583,7 @@ def test_connect_timeout_never_greeted(peer: BlockingPeer) -> None:
 
 
 def test_disconnect_aborts_connect_from_another_thread(
-        peer: BlockingPeer, pool: Any) -> None:
+        peer: FakeConnection, pool: Any) -> None:
     """disconnect() from another thread aborts a connect that waits for
     a greeting."""
     client = QMPSyncClient()
@@ -591,7 +598,7 @@ def test_disconnect_aborts_connect_from_another_thread(
     assert client.runstate is Runstate.IDLE
 
 
-def test_bad_input_sends_nothing(peer: BlockingPeer, pool: Any) -> None:
+def test_bad_input_sends_nothing(peer: FakeConnection, pool: Any) -> None:
     """Bad arguments fail before anything is sent; the session stays
     usable."""
     client = peer_client(peer, pool)
@@ -622,7 +629,7 @@ def test_bad_input_sends_nothing(peer: BlockingPeer, pool: Any) -> None:
         client.connect()
 
 
-def test_execute_reply_and_caller_ids(peer: BlockingPeer,
+def test_execute_reply_and_caller_ids(peer: FakeConnection,
                                       pool: Any) -> None:
     """execute_reply returns error replies as they are, without the
     client's private id; a caller's own id stays."""
@@ -639,7 +646,7 @@ def test_execute_reply_and_caller_ids(peer: BlockingPeer,
     client.close()
 
 
-def test_dropped_client_releases_socket(peer: BlockingPeer,
+def test_dropped_client_releases_socket(peer: FakeConnection,
                                         pool: Any) -> None:
     """A client garbage-collected without close() warns and releases its
     socket."""
@@ -660,7 +667,7 @@ def test_errors_are_never_asyncio_types(tmp_path: Path) -> None:
                                                         "concurrent"))
 
 
-def test_greeting_is_the_servers(peer: BlockingPeer, pool: Any) -> None:
+def test_greeting_is_the_servers(peer: FakeConnection, pool: Any) -> None:
     """greeting is the server's greeting; negotiate=False skips both."""
     client = peer_client(peer, pool)
     assert client.greeting is not None

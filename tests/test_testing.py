@@ -7,7 +7,7 @@ through its entry point), passing and failing as it should.
 from __future__ import annotations
 
 import pytest
-from conftest import qemu_binary
+from peers import qemu_binary
 
 pytest_plugins = ["pytester"]
 
@@ -35,6 +35,7 @@ def test_fails_as_it_should(qemu_machine):
 '''
 
 
+@pytest.mark.qemu
 def test_qemu_machine_fixture(pytester: pytest.Pytester) -> None:
     """Machines launch, work, and are killed at teardown (no QEMU left
     running); a failing test fails; -m "not qemu" leaves them out."""
@@ -66,6 +67,7 @@ def test_missing_qemu_skips_or_fails(pytester: pytest.Pytester) -> None:
 FAKE_USER_TESTS = '''
 import pytest
 from qmp_sync import ExecuteError, ExecInterruptedError, QMPSyncClient
+from qmp_sync.fake_server import FakeQMPServer, make_greeting
 
 
 def test_replies_events_and_received(fake_qmp_server):
@@ -124,17 +126,88 @@ def test_no_greeting_as_qemu_ga(fake_qmp_server):
     with QMPSyncClient(fake_qmp_server.address) as client:
         client.connect(negotiate=False, timeout=10)
         assert client.execute("guest-ping") == {}
+
+
+def test_greeting_without_oob(fake_qmp_server):
+    fake_qmp_server.greeting = make_greeting(capabilities=())
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(timeout=10)
+    assert fake_qmp_server.received[0] == {
+        "execute": "qmp_capabilities", "id": fake_qmp_server.received[0]["id"]}
+
+
+def test_commands_before_negotiation_are_refused_as_qemu_does(
+        fake_qmp_server):
+    fake_qmp_server.reply("query-status", {"running": True})
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(negotiate=False, timeout=10)
+        with pytest.raises(ExecuteError, match="Expecting capabilities"):
+            client.execute("query-status")
+        client.execute("qmp_capabilities")
+        assert client.execute("query-status") == {"running": True}
+        with pytest.raises(ExecuteError, match="already complete"):
+            client.execute("qmp_capabilities")
+
+
+def test_tcp_and_socketpair():
+    with FakeQMPServer(tcp=True) as server:
+        assert server.address[0] == "127.0.0.1"
+        server.reply("query-name", {"name": "tcp"})
+        with QMPSyncClient(server.address) as client:
+            client.connect(timeout=10)
+            assert client.execute("query-name") == {"name": "tcp"}
+        server.reply("query-name", {"name": "pair"})
+        with QMPSyncClient() as client:
+            client.open_with_socket(server.socketpair(), timeout=10)
+            assert client.execute("query-name") == {"name": "pair"}
+            server.emit("STOP")
+            assert client.event_wait("STOP", timeout=10)
+
+
+def test_assertion_helpers(fake_qmp_server):
+    fake_qmp_server.reply("blockdev-add")
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(timeout=10)
+        client.execute("blockdev-add", {"driver": "null-co",
+                                        "node-name": "n0"})
+        client.execute("blockdev-add", {"driver": "null-co",
+                                        "node-name": "n1"})
+    server = fake_qmp_server
+    assert server.commands == ["qmp_capabilities", "blockdev-add",
+                               "blockdev-add"]
+    assert [args["node-name"] for args in server.arguments("blockdev-add")
+            ] == ["n0", "n1"]
+    server.assert_received("blockdev-add", times=2)
+    server.assert_received("blockdev-add", {"driver": "null-co",
+                                            "node-name": "n1"}, times=1)
+    assert server.wait_for("blockdev-add", timeout=1)["arguments"][
+        "node-name"] == "n0"
+    with pytest.raises(AssertionError, match="received: qmp_capabilities"):
+        server.assert_received("blockdev-del")
+    with pytest.raises(AssertionError, match="2 times, not 1"):
+        server.assert_received("blockdev-add", times=1)
+    with pytest.raises(TimeoutError, match="blockdev-del not received"):
+        server.wait_for("blockdev-del", timeout=0.05)
+
+
+def test_a_failing_assertion_fails_the_test(fake_qmp_server):
+    fake_qmp_server.assert_received("query-status")
 '''
 
 
 def test_fake_qmp_server_fixture(pytester: pytest.Pytester) -> None:
     """A user's unit tests drive the fake server: canned values, errors
-    and functions, events on demand, what it received, each fault, and
-    a greeting-less (qemu-ga style) server; no QEMU involved."""
+    and functions, events on demand, what it received, each fault,
+    greeting variants (none as qemu-ga, no oob), negotiation enforced
+    as QEMU does, TCP and socketpairs, and the assertion helpers (one
+    of which fails its test, as it should); no QEMU involved."""
     pytester.makepyfile(FAKE_USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            "-m", "not qemu")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=11, failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: query-status was not "
+                                 "received; the server received: "
+                                 "nothing*"])
 
 
 def test_fake_server_refuses_unknown_faults() -> None:
