@@ -9,6 +9,8 @@ asyncio client under it. The layers, from the bottom: ``error``,
 README.rst has the tutorial.
 """
 
+__version__ = "0.2.0"
+
 from .error import ProtocolError, QMPError
 from .events import EventListener
 from .message import Message
