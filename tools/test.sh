@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Set up (tools/setup.sh) and run every check: mypy --strict (the
-# package and tools/), ruff, QEMU's own tests of the protocol core
-# (tools/qemu_protocol_tests.py downloads them), and the whole test
+# package and tools/), ruff, the Sphinx manual in docs/ (warnings are
+# errors; its examples and README's run as tests), QEMU's own tests of
+# the protocol core (tools/qemu_protocol_tests.py downloads them), and
+# the whole test
 # suite against real QEMU, twice: with the speed extra (uvloop, orjson)
 # in .venv, and without it in .venv-plain (the standard loop and json),
 # under Python 3.9 when one is on PATH (the oldest version setup.cfg
-# promises). Extra arguments go to pytest.
+# promises). Then the packaging check (tools/check_dist.sh): the sdist
+# and the wheel are built and twine-checked, and the test suite runs
+# from the unpacked sdist. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -14,7 +18,9 @@ echo "== mypy --strict qmp_sync tools"
 .venv/bin/mypy --strict qmp_sync
 .venv/bin/mypy --strict tools/bench tools/qemu_protocol_tests.py
 echo "== ruff check"
-.venv/bin/ruff check qmp_sync tests tools
+.venv/bin/ruff check qmp_sync tests tools docs
+echo "== the reference manual (Sphinx, warnings as errors, nitpicky)"
+.venv/bin/sphinx-build -q -E -W --keep-going -n -b html docs docs/_build/html
 echo "== pytest (uvloop and orjson)"
 .venv/bin/python -c 'import orjson, uvloop'
 .venv/bin/pytest "$@"
@@ -38,3 +44,5 @@ if .venv-plain/bin/python -c 'import orjson' 2>/dev/null \
     exit 1
 fi
 .venv-plain/bin/pytest -q -p no:cacheprovider "$@"
+echo "== the sdist and the wheel: build, twine check, the sdist's own tests"
+bash tools/check_dist.sh "$@"
