@@ -31,6 +31,7 @@ server's own threads read its configuration under its lock.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import json
@@ -76,6 +77,10 @@ FAULTS = ("hang-up", "stall", "garbage", "partial", "oversized")
 #: command's arguments.
 Answer = Union[object, Callable[[dict[str, Any]], object]]
 
+#: What `FakeQMPServer.reply` calls after the reply (its `then`): with
+#: the client's connection and the command's arguments.
+FollowUp = Callable[["FakeConnection", dict[str, Any]], None]
+
 #: What `FakeConnection.send` writes: raw bytes as they are, a mapping
 #: as one JSON line.
 Sendable = Union[bytes, bytearray, Mapping[str, Any]]
@@ -83,6 +88,18 @@ Sendable = Union[bytes, bytearray, Mapping[str, Any]]
 _NOT_NEGOTIATED = "Expecting capabilities negotiation with 'qmp_capabilities'"
 _NEGOTIATED_ALREADY = "Capabilities negotiation is already complete, " \
                       "command ignored"
+
+
+_DECODER = json.JSONDecoder()
+#: The words of JSON (and of Python's json), which a read may cut.
+_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+
+
+def _stops_early(error: json.JSONDecodeError, text: str) -> bool:
+    """Whether `text` failed to decode only because more is to come."""
+    rest = text[error.pos:].rstrip()
+    return (rest == "" or error.msg.startswith("Unterminated string")
+            or any(word.startswith(rest) for word in _WORDS))
 
 
 def _name_of(command: Mapping[str, Any]) -> str:
@@ -100,15 +117,19 @@ class FakeConnection:
 
     :param sock: The server's end of the connection (now owned here).
     :param timeout: Longest wait of a read, in seconds (None: forever).
+    :param record: False to keep no record in `received`.
     """
 
-    def __init__(self, sock: socket.socket,
-                 timeout: float | None = 10.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None = 10.0,
+                 *, record: bool = True) -> None:
         self.sock = sock
+        self._record = record
         #: Longest wait of a read, in seconds.
         self.timeout = timeout
         sock.settimeout(timeout)
-        self._stream = sock.makefile("rb")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""
+        self._skipping = False
         self._client_sock: socket.socket | None = None
         #: Every message read from the client, in order.
         self.received: list[dict[str, Any]] = []
@@ -149,19 +170,42 @@ class FakeConnection:
     def recv(self) -> dict[str, Any]:
         """
         Read one message from the client and record it in `received`.
+        As QEMU, it takes a stream of JSON values: a newline after each
+        is usual, not needed.
 
         :raise EOFError: When the client hung up.
         :raise TimeoutError: When nothing came within `timeout`.
-        :raise ValueError: When the line is not a JSON object.
+        :raise ValueError: When the client sent something that is not
+            JSON (it is dropped, up to the next newline) or not a JSON
+            object; the next call reads on after it.
         """
-        line = self._stream.readline()
-        if not line:
-            raise EOFError("the client closed the connection")
-        message = json.loads(line)
-        if not isinstance(message, dict):
-            raise ValueError(f"the client sent a non-object: {line!r}")
-        self.received.append(message)
-        return message
+        while True:
+            text = self._pending.lstrip()
+            if text:
+                try:
+                    message, end = _DECODER.raw_decode(text)
+                except json.JSONDecodeError as err:
+                    if not _stops_early(err, text):
+                        _, newline, self._pending = text.partition("\n")
+                        self._skipping = not newline
+                        raise ValueError(f"JSON parse error, {err.msg}: "
+                                         f"{text[:60]!r}") from None
+                else:
+                    self._pending = text[end:]
+                    if not isinstance(message, dict):
+                        raise ValueError("QMP input must be a JSON object, "
+                                         f"not {text[:end][:60]!r}")
+                    if self._record:
+                        self.received.append(message)
+                    return message
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("the client closed the connection")
+            more = self._utf8.decode(data)
+            if self._skipping:  # the rest of a line that was not JSON
+                _, newline, more = more.partition("\n")
+                self._skipping = not newline
+            self._pending = text + more
 
     def answer(self, result: object = None, **extra: Any) -> dict[str, Any]:
         """Read one command and reply ``{"return": result}`` (``{}`` for
@@ -189,11 +233,15 @@ class FakeConnection:
     def at_eof(self) -> bool:
         """Read until the client hangs up (bounded by `timeout`); True
         when it did."""
-        return self._stream.read() == b""
+        rest = self._pending.strip()
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                return rest == ""
+            rest += data.decode(errors="replace").strip()
 
     def close(self) -> None:
         """Hang up (and close the client's end if nobody took it)."""
-        self._stream.close()
         self.sock.close()
         if self._client_sock is not None:
             self._client_sock.close()
@@ -214,17 +262,23 @@ class FakeQMPServer:
         builds others: ``make_greeting(())`` offers no oob). None sends
         none and needs no negotiation, as the guest agent (qemu-ga).
     :param tcp: Listen on TCP 127.0.0.1 (a free port) instead of a unix
-        socket in a new temporary directory.
+        socket.
+    :param path: The unix socket's path (removed again by `close`); by
+        default one in a new temporary directory.
+    :param record: False to keep no record of the commands received
+        (`received` stays empty), for a server that serves millions.
     """
 
     def __init__(self, greeting: Mapping[str, Any] | None = DEFAULT_GREETING,
-                 *, tcp: bool = False) -> None:
+                 *, tcp: bool = False, path: str | None = None,
+                 record: bool = True) -> None:
+        self._record = record
         #: The greeting sent to each new client (None: none, and no
         #: negotiation either); may be changed between connections.
         self.greeting = None if greeting is None else copy.deepcopy(
             dict(greeting))
         self._lock = threading.Condition()
-        self._answers: dict[str, tuple[Answer, dict[str, str] | None]] = {}
+        self._answers: dict[str, _Scripted] = {}
         self._faults: dict[str, str] = {}
         self._received: list[dict[str, Any]] = []
         self._connections: list[FakeConnection] = []
@@ -240,11 +294,13 @@ class FakeQMPServer:
             self._listener.bind(("127.0.0.1", 0))
             self.address = self._listener.getsockname()
         else:
-            self._dir = tempfile.mkdtemp(prefix="fake-qmp-")
-            self.address = os.path.join(self._dir, "qmp.sock")
+            if path is None:
+                self._dir = tempfile.mkdtemp(prefix="fake-qmp-")
+                path = os.path.join(self._dir, "qmp.sock")
+            self.address = path
             self._listener = socket.socket(socket.AF_UNIX)
             self._listener.bind(self.address)
-        self._listener.listen(64)
+        self._listener.listen(256)
         accepting = self._thread(self._accept_loop)
         self._threads.append(accepting)
         accepting.start()
@@ -259,17 +315,23 @@ class FakeQMPServer:
     # Scripting it.
 
     def reply(self, command: str, value: Answer = None, *,
-              error: Mapping[str, str] | None = None) -> None:
+              error: Mapping[str, str] | None = None,
+              then: FollowUp | None = None) -> None:
         """
         Answer `command` with ``{"return": value}`` from now on: a
         callable is called with the command's arguments (a dict, empty
         when there were none) and its result returned; None returns
         ``{}``. With `error` (``{"class": ..., "desc": ...}``), answer
-        with that error instead.
+        with that error instead. `then`, if given, is called after the
+        reply is written, in the thread serving that client, with its
+        `FakeConnection` and the arguments: to send events that follow
+        the reply (as a job's events follow the command that started
+        it) to that client alone.
         """
         with self._lock:
-            self._answers[command] = ({} if value is None else value,
-                                      None if error is None else dict(error))
+            self._answers[command] = _Scripted(
+                {} if value is None else value,
+                None if error is None else dict(error), then)
 
     def fault(self, command: str, kind: str) -> None:
         """
@@ -398,9 +460,10 @@ class FakeQMPServer:
                 connection.sock.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(5)
+        if isinstance(self.address, str):
+            with contextlib.suppress(OSError):  # removed already
+                os.unlink(self.address)
         if self._dir is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(str(self.address))
             os.rmdir(self._dir)
             self._dir = None
 
@@ -425,7 +488,8 @@ class FakeQMPServer:
     def _serve_new(self, sock: socket.socket) -> bool:
         """Serve `sock` in a thread of its own; False (and `sock`
         closed) once the server is closed."""
-        connection = FakeConnection(sock, timeout=None)
+        # The server keeps its own record (or none).
+        connection = FakeConnection(sock, timeout=None, record=False)
         serving = self._thread(self._serve, connection)
         with self._lock:
             if self._closed:
@@ -444,16 +508,22 @@ class FakeQMPServer:
             if greeting is not None:
                 connection.greet(greeting)
             while True:
-                command = connection.recv()
-                with self._lock:
-                    self._received.append(command)
-                    self._lock.notify_all()
+                try:
+                    command = connection.recv()
+                except ValueError as err:  # QEMU answers, and reads on
+                    connection.send(_error_body(str(err), "GenericError")
+                                    + b"}\n")
+                    continue
+                if self._record:
+                    with self._lock:
+                        self._received.append(command)
+                        self._lock.notify_all()
                 if not self._answer(connection, command, negotiated):
                     return
                 negotiated = negotiated or (
                     _name_of(command) == "qmp_capabilities")
         except (OSError, EOFError, ValueError):
-            return  # the client left, or sent something QEMU would refuse
+            return  # the client left, or a scripted answer failed
         finally:
             with self._lock:
                 self._connections.remove(connection)
@@ -476,37 +546,60 @@ class FakeQMPServer:
         if fault == "oversized":
             connection.send(b'{"return": "' + b"x" * (16 << 20) + b'"}\n')
             return True
-        reply = self._reply_to(command, answer, negotiated)
+        if not negotiated and name != "qmp_capabilities":
+            answer = None  # refused, as QEMU does
+        body = self._reply_to(command, answer, negotiated)
         if "id" in command:
-            reply["id"] = command["id"]
-        data = json.dumps(reply).encode() + b"\n"
+            body += b', "id": ' + json.dumps(command["id"]).encode()
+        data = body + b"}\n"
         if fault == "partial":
             connection.send(data[:len(data) // 2])
             return False
         connection.send(data)
+        if answer is not None and answer.then is not None:
+            answer.then(connection, dict(command.get("arguments") or {}))
         return True
 
-    def _reply_to(self, command: dict[str, Any],
-                  answer: tuple[Answer, dict[str, str] | None] | None,
-                  negotiated: bool) -> dict[str, Any]:
-        """The reply QEMU would give, unless scripted otherwise."""
+    @staticmethod
+    def _reply_to(command: dict[str, Any], answer: _Scripted | None,
+                  negotiated: bool) -> bytes:
+        """The reply QEMU would give, unless scripted otherwise, without
+        its id and closing brace."""
         name = _name_of(command)
         if answer is None and name == "qmp_capabilities":
             if negotiated:
-                return self._error("CommandNotFound", _NEGOTIATED_ALREADY)
-            return {"return": {}}
+                return _error_body(_NEGOTIATED_ALREADY)
+            return b'{"return": {}'
         if not negotiated and name != "qmp_capabilities":
-            return self._error("CommandNotFound", _NOT_NEGOTIATED)
+            return _error_body(_NOT_NEGOTIATED)
         if answer is None:
-            return self._error("CommandNotFound",
-                               f"The command {name} has not been found")
-        value, error = answer
-        if error is not None:
-            return {"error": error}
-        if callable(value):
-            value = value(dict(command.get("arguments") or {}))
-        return {"return": value}
+            return _error_body(f"The command {name} has not been found")
+        return answer.body(dict(command.get("arguments") or {}))
 
-    @staticmethod
-    def _error(error_class: str, desc: str) -> dict[str, Any]:
-        return {"error": {"class": error_class, "desc": desc}}
+
+def _error_body(desc: str, error_class: str = "CommandNotFound") -> bytes:
+    return b'{"error": ' + json.dumps({"class": error_class,
+                                       "desc": desc}).encode()
+
+
+class _Scripted:
+    """How `FakeQMPServer` answers one command (see its `reply`); a
+    fixed answer is serialised once, here."""
+
+    def __init__(self, value: Answer, error: dict[str, str] | None,
+                 then: FollowUp | None) -> None:
+        self.value = value
+        self.error = error
+        self.then = then
+        self._fixed: bytes | None = None
+        if error is not None:
+            self._fixed = b'{"error": ' + json.dumps(error).encode()
+        elif not callable(value):
+            self._fixed = b'{"return": ' + json.dumps(value).encode()
+
+    def body(self, arguments: dict[str, Any]) -> bytes:
+        """The reply without its id and closing brace."""
+        if self._fixed is not None:
+            return self._fixed
+        assert callable(self.value)
+        return b'{"return": ' + json.dumps(self.value(arguments)).encode()

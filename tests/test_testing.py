@@ -6,6 +6,9 @@ through its entry point), passing and failing as it should.
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 from peers import qemu_binary
 
@@ -215,3 +218,35 @@ def test_fake_server_refuses_unknown_faults() -> None:
     with FakeQMPServer() as server, pytest.raises(ValueError,
                                                   match="unknown fault"):
         server.fault("x", "explode")
+
+
+def test_fake_server_reads_a_json_stream_as_qemu_does() -> None:
+    """The fake server takes JSON values as QEMU does: cut anywhere,
+    with or without newlines between them; something that is not JSON,
+    or not an object, is answered with QEMU's GenericError and the
+    connection goes on."""
+    from qmp_sync.fake_server import FakeQMPServer
+
+    with FakeQMPServer() as server, \
+            socket.socket(socket.AF_UNIX) as sock:
+        server.reply("query-status", {"running": True})
+        sock.settimeout(10)
+        sock.connect(str(server.address))
+        replies = sock.makefile("rb")
+        assert b'"QMP"' in replies.readline()
+        stream = (b'{"execute": "qmp_capabilities", "id": 1}'
+                  b'{"execute": "query-status", "arguments": {"a": true, '
+                  b'"b": null, "c": -12.5e3, "d": "\\u00e9\\""}, "id": 2}\n'
+                  b'{this is not json\n[1, 2]\n'
+                  b'{"execute": "query-status", "id": 3}')
+        for offset in range(len(stream)):  # one byte at a time
+            sock.sendall(stream[offset:offset + 1])
+        answers = [json.loads(replies.readline()) for _ in range(5)]
+    assert answers[0] == {"return": {}, "id": 1}
+    assert answers[1] == {"return": {"running": True}, "id": 2}
+    assert answers[2]["error"]["class"] == "GenericError"
+    assert "JSON parse error" in answers[2]["error"]["desc"]
+    assert "must be a JSON object" in answers[3]["error"]["desc"]
+    assert answers[4] == {"return": {"running": True}, "id": 3}
+    assert server.arguments("query-status")[0] == {
+        "a": True, "b": None, "c": -12.5e3, "d": 'é"'}

@@ -1,27 +1,19 @@
-"""The fake QMP server: a process of its own that serialises what it
-can in advance, so that it is not what is measured."""
+"""The fake server of the fake-server workloads: the project's one fake
+QMP server (``qmp_sync.fake_server.FakeQMPServer``) in a process of its
+own, with the events of the bursts serialised in advance so that the
+server is not what is measured (its fixed replies are serialised once
+by the server itself)."""
 
 from __future__ import annotations
 
-import codecs
-import json
-import socket
 import threading
 import time
 from typing import Any
 
-from bench.common import (
-    raise_nofile,
-)
+from bench.common import raise_nofile
+from qmp_sync.fake_server import FakeConnection, FakeQMPServer, make_greeting
 
-GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, '
-            b'"major": 7}, "package": ""}, "capabilities": ["oob"]}}\r\n')
-# Replies without their closing brace: the id, if any, goes there.
-REPLIES = {
-    "qmp_capabilities": b'{"return": {}',
-    "query-status": b'{"return": {"status": "running", "singlestep": '
-                    b'false, "running": true}',
-}
+STATUS = {"status": "running", "singlestep": False, "running": True}
 BURST_EVENT = (b'{"event": "X", "data": {"seq": %d}, "timestamp": '
                b'{"seconds": %d, "microseconds": %d}}\r\n')
 TICK_EVENT = (b'{"event": "TICK", "data": {"t": %a}, "timestamp": '
@@ -34,90 +26,47 @@ def build_burst(count: int) -> bytes:
                      for seq in range(count)])
 
 
-class FakeServer:
-    """A QMP server for clients to be measured against, not itself."""
+class Bursts:
+    """The bursts of events, each built once (any serving thread)."""
 
-    def __init__(self, path: str, bursts: list[int]) -> None:
-        self.bursts = {count: build_burst(count) for count in bursts}
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(path)
-        self.listener.listen(1024)
+    def __init__(self, counts: list[int]) -> None:
+        self._lock = threading.Lock()
+        self._built = {count: build_burst(count) for count in counts}
 
-    def serve_forever(self) -> None:
-        threading.stack_size(256 * 1024)
-        while True:
-            conn, _ = self.listener.accept()
-            threading.Thread(target=self.serve, args=(conn,),
-                             daemon=True).start()
-
-    def serve(self, conn: socket.socket) -> None:
-        decoder = json.JSONDecoder()
-        utf8 = codecs.getincrementaldecoder("utf-8")()
-        pending = ""
-        with conn:
-            try:
-                conn.sendall(GREETING)
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    pending = (pending + utf8.decode(data)).lstrip()
-                    while pending:
-                        try:
-                            message, end = decoder.raw_decode(pending)
-                        except ValueError:   # incomplete: wait for more
-                            if len(pending) > 1 << 20:
-                                return
-                            break
-                        pending = pending[end:].lstrip()
-                        self.answer(conn, message)
-            except OSError:
-                return              # the client went away mid-reply
-
-    def answer(self, conn: socket.socket, message: Any) -> None:
-        command = message.get("execute", message.get("exec-oob"))
-        if "id" in message:
-            end = b', "id": ' + json.dumps(message["id"]).encode() + b"}\r\n"
-        else:
-            end = b"}\r\n"
-        reply = REPLIES.get(command)
-        if reply is not None:
-            conn.sendall(reply + end)
-            return
-        arguments = message.get("arguments") or {}
-        if command == "x-burst":
-            count = int(arguments["count"])
-            burst = self.bursts.get(count)
+    def send(self, connection: FakeConnection,
+             arguments: dict[str, Any]) -> None:
+        """After the reply to x-burst: its events, in one write."""
+        count = int(arguments["count"])
+        with self._lock:
+            burst = self._built.get(count)
             if burst is None:
-                burst = self.bursts[count] = build_burst(count)
-            conn.sendall(b'{"return": {}' + end)
-            conn.sendall(burst)
-        elif command == "x-tick":
-            conn.sendall(b'{"return": {}' + end)
-            self.tick(conn, int(arguments["count"]),
-                      float(arguments["interval"]))
-        else:
-            conn.sendall(b'{"error": {"class": "CommandNotFound", "desc": '
-                         + json.dumps(f"The command {command} has not "
-                                      "been found").encode()
-                         + b"}" + end)
+                burst = self._built[count] = build_burst(count)
+        connection.send(burst)
 
-    @staticmethod
-    def tick(conn: socket.socket, count: int, interval: float) -> None:
-        start = time.monotonic()
-        for i in range(1, count + 1):
-            delay = start + i * interval - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            seconds, micro = divmod(int(time.time() * 1e6), 1_000_000)
-            conn.sendall(TICK_EVENT % (time.monotonic(), seconds, micro))
+
+def tick(connection: FakeConnection, arguments: dict[str, Any]) -> None:
+    """After the reply to x-tick: `count` TICK events, `interval`
+    seconds apart, each carrying the monotonic time it was sent at."""
+    count, interval = int(arguments["count"]), float(arguments["interval"])
+    start = time.monotonic()
+    for i in range(1, count + 1):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        seconds, micro = divmod(int(time.time() * 1e6), 1_000_000)
+        connection.send(TICK_EVENT % (time.monotonic(), seconds, micro))
 
 
 def fake_server(path: str, bursts: list[int]) -> int:
+    """Serve on the unix socket `path` until killed (the bench's fake
+    server process)."""
     raise_nofile()
-    server = FakeServer(path, bursts)
+    threading.stack_size(256 * 1024)  # 500 clients, a thread each
+    server = FakeQMPServer(make_greeting(version=(7, 2, 0)), path=path,
+                           record=False)
+    server.reply("query-status", STATUS)
+    server.reply("x-burst", then=Bursts(bursts).send)
+    server.reply("x-tick", then=tick)
     print("ready", flush=True)
-    server.serve_forever()
+    threading.Event().wait()
     return 0
-
-
