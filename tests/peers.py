@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -314,3 +315,34 @@ class GuestAgent:
     def __exit__(self, *exc_info: object) -> None:
         self.proc.kill()
         self.proc.wait(timeout=TIMEOUT)
+
+
+# ----------------------------------------------------------------------
+# The shell's programs.
+
+def program(name: str) -> str:
+    """A console script of the venv running the tests."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: install the package with "
+                    "pip install -e '.[test]'")
+    return str(path)
+
+
+class Run:
+    """What a run of a shell program printed, and its exit status."""
+
+    def __init__(self, status: int, out: str, err: str) -> None:
+        self.status = status
+        self.out = out
+        self.err = err
+
+    @property
+    def messages(self) -> list[dict[str, object]]:
+        """stdout as JSON, one message per line."""
+        return [json.loads(line) for line in self.out.splitlines()]
+
+    @property
+    def replies(self) -> list[dict[str, object]]:
+        """The messages that are not events."""
+        return [m for m in self.messages if "event" not in m]

@@ -12,7 +12,8 @@ LAYERS = ["error", "util", "_linereader", "protocol", "message", "events",
           "qmp_client", "_loop", "_event_queue", "sync", "legacy", "machine",
           "fake_server", "testing", "compat", "shell"]
 # The shell package's own modules, bottom first.
-SHELL_LAYERS = ["syntax", "schema", "completion", "console", "cli", "wrap"]
+SHELL_LAYERS = ["syntax", "schema", "output", "completion", "console",
+                "cli", "wrap"]
 # The calls that cross into the loop from another thread: only the
 # crossing module may make them.
 CROSSING = ("call_soon_threadsafe", "run_coroutine_threadsafe",

@@ -10,41 +10,25 @@ pseudo-terminal in test_shell_pty.py.
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from peers import QEMU, QEMU_ARGS, GuestAgent, qemu_binary, start_qemu
+from peers import QEMU, QEMU_ARGS, GuestAgent, Run, qemu_binary
 
 from qmp_sync import QMPSyncClient
 from qmp_sync.machine import QEMUMachine
 from qmp_sync.shell import cli, main, wrap_main
 from qmp_sync.shell.completion import complete_hmp, complete_qmp
 from qmp_sync.shell.schema import HumanCommands, Schema
-from qmp_sync.shell.wrap import stop_qemu
 
 Entry = Callable[[Sequence[str]], int]
 
 
-class Run:
-    """What a run of the program printed, and its exit status."""
 
-    def __init__(self, status: int, out: str, err: str) -> None:
-        self.status = status
-        self.out = out
-        self.err = err
-
-    @property
-    def messages(self) -> list[dict[str, object]]:
-        """stdout as JSON, one message per line."""
-        return [json.loads(line) for line in self.out.splitlines()]
 
 
 @pytest.fixture
@@ -372,37 +356,6 @@ def test_wrap_reports_a_qemu_that_fails_to_start(
     assert run.err.startswith("Error: cannot run /nonexistent/qemu")
     with pytest.raises(SystemExit):
         shell([], entry=wrap_main)
-
-
-@pytest.fixture
-def bare_qemu() -> Iterator[subprocess.Popen[bytes]]:
-    """A guest-less QEMU with no monitor at all."""
-    process = start_qemu()
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-
-
-@pytest.mark.qemu
-def test_stop_qemu_sends_sigterm_then_sigkill(
-        bare_qemu: subprocess.Popen[bytes]) -> None:
-    """A QEMU that does not exit is sent SIGTERM; one that cannot even
-    do that (stopped) is killed; each step is bounded."""
-    assert stop_qemu(bare_qemu, grace=0.2) == "terminated"
-    assert bare_qemu.returncode is not None
-    stuck = start_qemu()
-    try:
-        os.kill(stuck.pid, signal.SIGSTOP)
-        assert stop_qemu(stuck, grace=0.2) == "killed"
-        assert stuck.returncode == -signal.SIGKILL
-    finally:
-        if stuck.poll() is None:
-            stuck.kill()
-            stuck.wait()
-    assert stop_qemu(stuck, grace=0.2) == "exited"
 
 
 # ----------------------------------------------------------------------

@@ -11,13 +11,19 @@ import os
 import re
 import select
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
-from peers import QEMU, QEMU_ARGS, GuestAgent, pid_exists, qemu_binary
+from peers import (
+    QEMU,
+    QEMU_ARGS,
+    GuestAgent,
+    pid_exists,
+    program,
+    qemu_binary,
+)
 
 from qmp_sync import QMPSyncClient
 from qmp_sync.fake_server import FakeQMPServer
@@ -33,13 +39,7 @@ STATUS_REPLY = '"status": "running"'
 
 
 
-def program(name: str) -> str:
-    """A console script of the venv running the tests."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: install the package with "
-                    "pip install -e '.[test]'")
-    return str(path)
+
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def spawned(tmp_path: Path, name: str, args: list[str],
     home.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items()
            if key not in ("QMP_SHELL_HISTORY", "QMP_SOCKET", "INPUTRC")}
-    env.update(TERM="xterm", HOME=str(home))
+    env.update(TERM="xterm", HOME=str(home), NO_COLOR="1")
     child = pexpect.spawn(program(name), args, env=env, encoding="utf-8",
                           dimensions=(24, columns), timeout=BOUND)
     child.logfile_read = io.StringIO()

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType
 from typing import TextIO
 
+from .. import __version__
 from ..error import QMPError
 from ..legacy import QEMUMonitorProtocol, QMPBadPortError
 from ..message import Message
@@ -30,6 +31,13 @@ from ..qmp_client import ExecInterruptedError, ExecuteError
 from ..sync import QMPSyncClient
 from .completion import complete_hmp, complete_qmp
 from .console import SessionEnded, Terminal
+from .output import (
+    colour_wanted,
+    columns,
+    highlight_json,
+    terminal_width,
+    wrap_line,
+)
 from .schema import HumanCommands, Schema, mappings
 from .syntax import (
     Command,
@@ -103,6 +111,8 @@ class Shell:
         self._terminal: Terminal | None = None
         self._failures = 0
         self._cpu_index: int | None = None
+        # JSON in colour: only interactively, on a terminal that wants it.
+        self._colour = False
         # The server confirmed a `quit`: the session's end is expected.
         self._quit = False
 
@@ -134,6 +144,7 @@ class Shell:
     def _interact(self) -> int:
         """The interactive loop, on a terminal."""
         self._banner()
+        self._colour = colour_wanted(self._out)
         terminal = Terminal(self.client, self._format, self._complete,
                             self.options.history, self._out)
         with terminal:
@@ -302,19 +313,21 @@ class Shell:
         self._cpu_index = int(index)
 
     def _help(self, topic: str | None) -> None:
-        """``help`` lists the commands; ``help CMD`` a command's
-        arguments."""
+        """``help`` lists the commands in columns; ``help CMD`` a
+        command's arguments; both as wide as the terminal."""
         schema = self._get_schema()
+        width = terminal_width(self._out)
         if topic is None:
             names = schema.commands or ["(the server did not list them)"]
-            self._print("\n".join(_columns(names)))
+            self._print("\n".join(columns(names, width)))
             return
         if topic not in schema.commands:
             problem = schema.check(topic, {})
             raise CommandLineError(problem or f"no help for {topic!r}")
-        lines = schema.describe(topic)
+        lines = schema.describe(topic) or ["  (its arguments are unknown)"]
         self._print(topic)
-        self._print("\n".join(lines or ["  (its arguments are unknown)"]))
+        self._print("\n".join(wrapped for line in lines
+                              for wrapped in wrap_line(line, width)))
 
     # ------------------------------------------------------------------
     # What the server understands.
@@ -372,9 +385,11 @@ class Shell:
     # Output.
 
     def _format(self, msg: Mapping[str, object]) -> str:
-        """A message as one line of JSON (indented with ``-p``)."""
+        """A message as one line of JSON (indented with ``-p``; in
+        colour at an interactive terminal)."""
         data = msg.to_dict() if isinstance(msg, Message) else dict(msg)
-        return json.dumps(data, indent=4 if self.options.pretty else None)
+        text = json.dumps(data, indent=4 if self.options.pretty else None)
+        return highlight_json(text) if self._colour else text
 
     def _print_events(self) -> None:
         """Print the events queued so far (outside the terminal: inside
@@ -417,17 +432,6 @@ def _error_line(error: object) -> str:
     return str(error)
 
 
-def _columns(names: Sequence[str], width: int = 79) -> list[str]:
-    """`names` in columns, down then across, `width` wide."""
-    column = max(len(n) for n in names) + 2
-    per_line = max(1, width // column)
-    rows = -(-len(names) // per_line)
-    return [
-        "".join(f"{names[i]:<{column}}"
-                for i in range(row, len(names), rows)).rstrip()
-        for row in range(rows)]
-
-
 # ----------------------------------------------------------------------
 # The program.
 
@@ -443,6 +447,8 @@ def argument_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Exit status: 0 when every command succeeded, 1 when one "
         "failed, 2 for bad usage, 3 when the connection failed or was "
         "lost.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
     parser.add_argument("-H", "--hmp", action="store_true",
                         help="send lines to the human monitor (HMP)")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -1,7 +1,13 @@
 """
-``qmp-shell-wrap``: start QEMU with a private QMP connection (one end
-of a socketpair, so there is no socket file to clean up or to collide
-with), run the shell on it, and shut QEMU down when the shell ends.
+``qmp-shell-wrap``: start QEMU as a `QEMUMachine` (its monitor is one
+end of a socketpair, so there is no socket file to clean up or to
+collide with), run the shell on it, and shut QEMU down when the shell
+ends.
+
+QEMU's own output goes to the machine's log, not to the terminal where
+it would tear through the line being typed: a QEMU that fails to start
+is reported with what it said, and whatever it printed during the
+session is shown once the shell has ended.
 
 Threads: main thread only.
 """
@@ -9,13 +15,11 @@ Threads: main thread only.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 
-from ..protocol import ConnectError
-from ..sync import QMPSyncClient
+from ..machine import AbnormalShutdown, QEMUMachine, VMLaunchFailure
 from .cli import (
     CLIENT_NAME,
     EXIT_CONNECTION,
@@ -26,16 +30,11 @@ from .cli import (
     session_scope,
 )
 
-__all__ = ("stop_qemu", "wrap_main")
+__all__ = ("wrap_main",)
 
-#: The id of the monitor's character device on QEMU's command line.
-CHARDEV_ID = "qmp-shell-wrap"
 #: Seconds QEMU may take to start and greet.
 STARTUP_TIMEOUT = 30.0
-#: Seconds to wait for the exit status of a QEMU that hung up.
-EXIT_WAIT = 2.0
-#: Seconds QEMU gets to exit after ``quit``, and again after SIGTERM,
-#: before the next step.
+#: Seconds QEMU gets to exit after ``quit`` before it is sent SIGTERM.
 EXIT_GRACE = 5.0
 
 
@@ -43,11 +42,13 @@ def wrap_main(argv: Sequence[str] | None = None) -> int:
     """
     The ``qmp-shell-wrap`` program: run ``QEMU-COMMAND`` with a private
     monitor, and the shell on it. When the shell ends, QEMU is told to
-    ``quit``, then sent SIGTERM, then SIGKILL, each after a bounded
-    wait. Returns the shell's exit status.
+    ``quit``, then stopped with SIGTERM and SIGKILL if it has not
+    exited, each after a bounded wait. Returns the shell's exit status
+    (`EXIT_CONNECTION` when QEMU fails to start); argparse exits by
+    itself for bad usage. Main thread.
     """
     parser = argument_parser("qmp-shell-wrap")
-    parser.usage = ("%(prog)s [-h] [-H] [-v] [-p] [-l LOGFILE] "
+    parser.usage = ("%(prog)s [-h] [--version] [-H] [-v] [-p] [-l LOGFILE] "
                     "[--history FILE] -- QEMU-COMMAND...")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         metavar="QEMU-COMMAND",
@@ -60,86 +61,72 @@ def wrap_main(argv: Sequence[str] | None = None) -> int:
     with session_scope(args.logfile) as ok:
         if not ok:
             return EXIT_USAGE
-        ours, theirs = socket.socketpair()
-        try:
-            process = subprocess.Popen(
-                [*command,
-                 "-chardev", f"socket,id={CHARDEV_ID},fd={theirs.fileno()}",
-                 "-mon", f"chardev={CHARDEV_ID},mode=control"],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                # Its own session: Ctrl-C at the shell's prompt must not
-                # reach QEMU through the terminal.
-                start_new_session=True)
-        except OSError as err:
-            ours.close()
-            print(f"Error: cannot run {command[0]}: {err.strerror}",
-                  file=sys.stderr)
+        # Named as the shell's client, so that -l logs its messages.
+        machine = QEMUMachine(command[0], command[1:], name=CLIENT_NAME,
+                              base_temp_dir=tempfile.gettempdir(),
+                              qmp_timer=STARTUP_TIMEOUT)
+        if not _launch(machine, command[0]):
             return EXIT_CONNECTION
-        finally:
-            theirs.close()
         try:
-            return _run_shell(process, ours, args)
+            return _run_shell(machine, args)
         finally:
-            how = stop_qemu(process)
-            if how != "exited":
-                print(f"qmp-shell-wrap: QEMU did not quit, so it was {how}",
-                      file=sys.stderr)
+            _stop(machine)
 
 
-def _run_shell(process: subprocess.Popen[bytes], sock: socket.socket,
-               args: argparse.Namespace) -> int:
-    """Open the session on our end of the socketpair and run the
-    shell; the shell ends it with ``quit``."""
-    client = QMPSyncClient(name=CLIENT_NAME)
+def _launch(machine: QEMUMachine, binary: str) -> bool:
+    """Main thread: launch `machine`; False when it failed (said why
+    on stderr, with QEMU's exit status and output)."""
     try:
-        client.open_with_socket(sock, timeout=STARTUP_TIMEOUT)
-    except (ConnectError, TimeoutError) as err:
-        client.close()
-        try:
-            # A monitor that hangs up first is mostly a QEMU on its way
-            # out (bad arguments): say how it ended.
-            status: int | None = process.wait(EXIT_WAIT)
-        except subprocess.TimeoutExpired:
-            status = None
-        if status is not None:
-            print(f"Error: QEMU exited (status {status}) before its monitor "
-                  "answered", file=sys.stderr)
-        else:
-            print(f"Error: QEMU's monitor did not answer: {err}",
-                  file=sys.stderr)
-        return EXIT_CONNECTION
+        machine.launch()
+    except VMLaunchFailure as err:
+        _error(_launch_failure(err, binary))
+        return False
+    except OSError as err:
+        # The machine's temporary directory could not be made.
+        _error(f"cannot start QEMU: {err}")
+        return False
+    return True
+
+
+def _launch_failure(err: VMLaunchFailure, binary: str) -> str:
+    """What to tell the user about a QEMU that did not start."""
+    cause = err.__cause__
+    if err.exitcode is None and isinstance(cause, OSError):
+        return f"cannot run {binary}: {cause.strerror or cause}"
+    if err.exitcode is not None:
+        said = f"; it said:\n{err.output.rstrip()}" if err.output.strip() \
+            else ""
+        return (f"QEMU exited (status {err.exitcode}) before its monitor "
+                f"answered{said}")
+    return f"QEMU's monitor did not answer: {err.output}"
+
+
+def _run_shell(machine: QEMUMachine, args: argparse.Namespace) -> int:
+    """Main thread: run the shell on the machine's client; the shell
+    ends the session with ``quit``."""
     options = options_from(args)
     options.quit_at_exit = True
-    return Shell(client, options).run()
+    return Shell(machine.client, options).run()
 
 
-def stop_qemu(process: subprocess.Popen[bytes],
-              grace: float = EXIT_GRACE) -> str:
+def _stop(machine: QEMUMachine) -> None:
     """
-    Wait for QEMU to exit; if it does not within `grace` seconds send
-    SIGTERM, and if it still lives `grace` seconds later, SIGKILL. The
-    process is reaped in every case.
-
-    :return: How it ended: ``"exited"``, ``"terminated"`` or
-        ``"killed"``.
+    Main thread: shut QEMU down (it has mostly quit already) and show
+    what it printed; say so on stderr when it had to be stopped by a
+    signal or exited with a failure status.
     """
-    if _exited_within(process, grace):
-        return "exited"
-    process.terminate()
-    if _exited_within(process, grace):
-        return "terminated"
-    process.kill()
-    process.wait()
-    return "killed"
-
-
-def _exited_within(process: subprocess.Popen[bytes], seconds: float) -> bool:
-    """Whether `process` exits (and is reaped) within `seconds`."""
     try:
-        process.wait(seconds)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+        machine.shutdown(timeout=EXIT_GRACE)
+    except AbnormalShutdown as err:
+        print(f"qmp-shell-wrap: {err}", file=sys.stderr)
     except KeyboardInterrupt:
-        # Another Ctrl-C while waiting: no more patience.
-        return False
+        # Another Ctrl-C while waiting for QEMU: no more patience.
+        machine.kill()
+    output = machine.get_log()
+    if output and output.strip():
+        print(f"qmp-shell-wrap: QEMU said:\n{output.rstrip()}",
+              file=sys.stderr)
+
+
+def _error(text: str) -> None:
+    print(f"Error: {text}", file=sys.stderr)
