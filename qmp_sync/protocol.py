@@ -17,6 +17,10 @@ connect or accept that fails, is cancelled or times out always returns
 to IDLE. A session that ends by itself (the peer hung up, or a task
 failed) waits in DISCONNECTING until `disconnect()` collects it; that
 call re-raises the failure, once.
+
+Lifetime: ``async with`` disconnects when the block is left. A protocol
+garbage-collected while not IDLE warns with a `ResourceWarning` that
+names it, and aborts its stream when that happens in the loop thread.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import os
 import re
 import socket
 import time
+import warnings
+import weakref
 from collections.abc import Awaitable, Coroutine
 from typing import (
     TYPE_CHECKING,
@@ -50,6 +56,9 @@ from .util import cancel_and_wait, exception_summary, format_size
 
 if TYPE_CHECKING:
     from ssl import SSLContext
+    from types import TracebackType
+
+    from typing_extensions import Self
 
 __all__ = (
     "DEFAULT_READBUFLEN",
@@ -316,7 +325,8 @@ class AsyncProtocol(Generic[T]):
 
     #: The class name that error messages give: None for this class's
     #: own; a facade that wraps the client sets its name, the one its
-    #: users called.
+    #: users called. Such a facade owns the client: garbage-collected
+    #: while open, the client leaves the `ResourceWarning` to it.
     error_name: str | None = None
 
     #: How long closing the stream may take before it is aborted.
@@ -361,6 +371,11 @@ class AsyncProtocol(Generic[T]):
         self._server: asyncio.AbstractServer | None = None
         self._server_path: str | None = None
         self._accepted: asyncio.Future[None] | None = None
+
+        # The safety net for a connection dropped without disconnect():
+        # what its finaliser needs, kept apart from self (see _dropped).
+        self._remains = _Remains(self)
+        weakref.finalize(self, _dropped, self._remains)
 
     def __repr__(self) -> str:
         name = f" name={self.name!r}" if self.name is not None else ""
@@ -536,6 +551,69 @@ class AsyncProtocol(Generic[T]):
         self._schedule_disconnect(None)
         await self._wait_disconnect()
 
+    async def __aenter__(self) -> Self:
+        """
+        Runs in the loop thread: begin an ``async with`` block; return
+        this object as it is.
+
+        Entering does not connect: a session opens in one of several
+        ways (`connect`, `start_server` and `accept`, `open_with_socket`),
+        each with an address and options of its own, so the block calls
+        the one it needs. What the block promises is the end::
+
+            async with QMPClient("vm") as client:
+                await client.connect("/run/vm/qmp.sock")
+                await client.execute("stop")
+        """
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc_value: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        """
+        Runs in the loop thread: end the ``async with`` block with
+        `disconnect()`, so that the runstate is IDLE when the block is
+        left, whether it ended normally, by an exception or cancelled.
+
+        The disconnect runs to its end even if the task is cancelled
+        meanwhile (it is bounded: the stream is aborted after
+        ``_close_timeout``); the cancellation is raised after it.
+
+        :raise Exception: When the block ended normally: the failure that
+            ended the session on its own, as `disconnect()` raises it.
+            When the block raised, its exception goes on alone: the
+            session's failure is only logged, as it is usually the cause
+            of that exception already (an `ExecInterruptedError` or a
+            `StateError` chains it), and the user should not see it
+            twice.
+        :raise asyncio.CancelledError: When the task was cancelled while
+            disconnecting.
+        """
+        ending = asyncio.get_running_loop().create_task(self.disconnect())
+        interrupted = False
+        while not ending.done():
+            try:
+                await asyncio.wait((ending,))
+            except asyncio.CancelledError:
+                interrupted = True
+        if interrupted or ending.cancelled():
+            if not ending.cancelled():
+                self._log_disconnect_error(ending.exception())
+            if isinstance(exc_value, asyncio.CancelledError):
+                return  # the block's own cancellation goes on
+            raise asyncio.CancelledError
+        if exc_value is None:
+            ending.result()
+            return
+        self._log_disconnect_error(ending.exception())
+
+    def _log_disconnect_error(self, error: BaseException | None) -> None:
+        """Runs in the loop thread: log what `disconnect()` raised
+        where another exception goes on instead."""
+        if error is not None:
+            self.logger.debug("disconnect() ended with: %s",
+                              exception_summary(error))
+
     # ------------------------------------------------------------------
     # Session machinery.
 
@@ -565,6 +643,7 @@ class AsyncProtocol(Generic[T]):
         self.logger.debug("Runstate %s -> %s", self._runstate.name,
                           state.name)
         self._runstate = state
+        self._remains.moved(state, quiet=self.error_name is not None)
         event = self._get_runstate_event()
         event.set()
         event.clear()
@@ -842,6 +921,18 @@ class AsyncProtocol(Generic[T]):
                 self._bh_loop(self._bh_recv_message, "Reader task"))
         self._writer_task = loop.create_task(
             self._bh_loop(self._bh_send_message, "Writer task"))
+        for task in (self._reader_task, self._writer_task):
+            if task is not None:
+                # Such a task is destroyed while pending only with this
+                # object, dropped without disconnect(), which its
+                # finaliser reports (see _dropped): asyncio's "Task was
+                # destroyed but it is pending!" would say it again, in
+                # its own words. asyncio itself clears this flag where
+                # another report covers the task (run_until_complete).
+                with contextlib.suppress(AttributeError):
+                    cast(Any, task)._log_destroy_pending = False
+        self._remains.opened(
+            None if self._writer is None else self._writer.transport, loop)
         self._set_state(Runstate.RUNNING)
         if isinstance(reader, LineReader):
             reader.push_to(_LinePusher(self))
@@ -970,8 +1061,32 @@ class AsyncProtocol(Generic[T]):
                 await step()
         except asyncio.CancelledError:
             self.logger.debug("%s task cancelled.", role)
+            if self._dc_task is None:
+                self._abort_abandoned_session()
         except Exception as err:
             self._bottom_half_ended(role, err)
+
+    def _abort_abandoned_session(self) -> None:
+        """
+        Runs in the loop thread: the reader or writer task was cancelled
+        by someone else than `disconnect()`, that is, the event loop is
+        shutting down under a session nobody closed (``asyncio.run``
+        cancels every task still alive when its coroutine returns).
+
+        Abort the stream now, while the loop can still close it: left to
+        the garbage collector, an open transport draws asyncio's raw
+        "unclosed transport" warnings (and uvloop's, at ``loop.close()``)
+        where the finaliser of this object warns in plain words. Pushing
+        stops first, so that the end of the stream starts no disconnect
+        task in a loop about to close; the runstate stays as it is until
+        `disconnect()` collects the session.
+        """
+        if isinstance(self._reader, LineReader):
+            self._reader.stop_pushing()
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.transport.abort()
+            self.logger.debug("The loop cancelled the session's tasks; "
+                              "stream aborted.")
 
     def _bottom_half_ended(self, role: str, error: BaseException) -> None:
         """
@@ -1128,6 +1243,104 @@ class AsyncProtocol(Generic[T]):
         inbound message before `_on_message` sees it."""
         self.logger.debug("<-- %s", msg)
         return msg
+
+
+class _Remains:
+    """
+    What the finaliser of an `AsyncProtocol` (`_dropped`) needs to know
+    about it, kept apart from it: a finaliser must not reach the object
+    it watches. The protocol updates it in the loop thread; the
+    finaliser reads it in whatever thread collects the protocol.
+
+    The transport and its loop are held by weak references: alive, they
+    may lead back to the protocol (an accepted connection's does).
+    """
+
+    def __init__(self, proto: AsyncProtocol[Any]) -> None:
+        name = "" if proto.name is None else f" {proto.name!r}"
+        #: The protocol's class name.
+        self.class_name = type(proto).__name__
+        #: The protocol, in words: its class and name.
+        self.label = f"{self.class_name}{name}"
+        #: Its runstate, as `AsyncProtocol._set_state` last set it.
+        self.runstate = Runstate.IDLE
+        #: Not to warn: a facade (which sets ``error_name``) owns the
+        #: protocol and warns about a session left open in its own name.
+        self.quiet = False
+        self._transport: Callable[[], asyncio.WriteTransport | None] = (
+            lambda: None)
+        self._loop: Callable[[], asyncio.AbstractEventLoop | None] = (
+            lambda: None)
+
+    def moved(self, state: Runstate, *, quiet: bool) -> None:
+        """Runs in the loop thread: the protocol entered `state`;
+        `quiet` when a facade owns it (see `quiet`)."""
+        self.runstate = state
+        self.quiet = quiet
+
+    def opened(self, transport: asyncio.WriteTransport | None,
+               loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in the loop thread: a session starts on `transport`
+        (None for a session without a stream, as some tests make), in
+        `loop`."""
+        self._transport = self._loop = lambda: None
+        if transport is None:
+            return
+        try:
+            self._transport = weakref.ref(transport)
+            self._loop = weakref.ref(loop)
+        except TypeError:
+            # A transport or loop without weak references (not asyncio's
+            # nor uvloop's): the finaliser will only warn.
+            self._transport = self._loop = lambda: None
+
+    def abort(self) -> bool:
+        """
+        Any thread: abort the transport of the session if it is still
+        open and this thread runs its loop; True if it did.
+
+        From another thread, or once the loop has stopped, nothing is
+        touched: a transport is not thread-safe, and in a child process
+        after ``fork()`` the loop's selector is shared with the parent.
+        """
+        transport, loop = self._transport(), self._loop()
+        if transport is None or loop is None or transport.is_closing():
+            return False
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if running is not loop:
+            return False
+        transport.abort()
+        return True
+
+
+def _dropped(remains: _Remains) -> None:
+    """
+    Any thread (the garbage collector's, or the main thread at exit):
+    the finaliser of an `AsyncProtocol`. One dropped while not IDLE had
+    its session left open: abort its stream when this thread runs its
+    loop, then warn, once, in our words.
+
+    A weak reference's callback, this runs before the garbage collector
+    calls any ``__del__`` of the same garbage: asyncio's
+    ``StreamWriter.__del__`` then finds the transport closing and keeps
+    quiet instead of warning about an "unclosed" stream.
+    """
+    state = remains.runstate
+    if state is Runstate.IDLE:
+        return
+    aborted = remains.abort()
+    if remains.quiet:
+        return
+    fate = "; its connection was aborted" if aborted else ""
+    warnings.warn(
+        f"{remains.label} was garbage-collected without disconnect() "
+        f"(runstate {state.name}){fate}. Await its disconnect() when done "
+        f"with it, or use 'async with {remains.class_name}(...) as "
+        "client:', which disconnects when the block is left",
+        ResourceWarning, stacklevel=1)
 
 
 class _LinePusher(PushTarget):

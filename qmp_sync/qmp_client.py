@@ -300,7 +300,10 @@ class QMPClient(AsyncProtocol[Message], Events):
     Connect with `connect` (or `start_server` + `accept`, or
     `open_with_socket`), then `execute` commands; events arrive in
     ``self.events`` and in any listener registered with `listen` or
-    `listener`.
+    `listener`. In ``async with QMPClient() as client:`` (connecting
+    inside the block) the client is disconnected when the block is
+    left; one garbage-collected while still connected warns with a
+    `ResourceWarning` that names it.
 
     :param name: A nickname for logs and ``repr``.
     :param readbuflen: The longest message accepted from the server, in
