@@ -81,6 +81,14 @@ def _ctrl_c_deferred() -> Iterator[None]:
             previous(signal.SIGINT, caught[0])
 
 
+def _kill_now(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL QEMU's process group and reap QEMU, with Ctrl-C held
+    back meanwhile (a KILLed process is reaped at once)."""
+    with _ctrl_c_deferred():
+        _signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+
+
 def _chardev_address(address: SocketAddrT) -> str:
     """The chardev options of a socket client of `address`."""
     if not isinstance(address, tuple):
@@ -443,15 +451,21 @@ class QEMUMachine:
             self._remove_temp_dir()
             return
         forced = False
-        if not hard and popen.poll() is None:
-            if not self._quit_issued:
-                # The connection may well end before the reply comes.
-                with contextlib.suppress(QMPError):
-                    self.client.execute("quit", timeout=timeout)
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                forced = True
+        try:
+            if not hard and popen.poll() is None:
+                if not self._quit_issued:
+                    # The connection may well end before the reply comes.
+                    with contextlib.suppress(QMPError):
+                        self.client.execute("quit", timeout=timeout)
+                try:
+                    popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    forced = True
+        except BaseException:
+            # Ctrl-C while QEMU quits: kill it and clean up, then go on.
+            _kill_now(popen)
+            self._reap(hard=True)
+            raise
         self._reap(hard=True)
         code = self._exitcode
         if not hard and (forced or (code is not None and code != 0)):
@@ -468,13 +482,17 @@ class QEMUMachine:
         the monitor, keep the log, remove the temporary directory."""
         popen = self._popen
         if popen is not None:
-            if hard and popen.poll() is None:
-                _signal_group(popen.pid, signal.SIGTERM)
-                try:
-                    popen.wait(_TERM_GRACE)
-                except subprocess.TimeoutExpired:
-                    _signal_group(popen.pid, signal.SIGKILL)
-            popen.wait()
+            try:
+                if hard and popen.poll() is None:
+                    _signal_group(popen.pid, signal.SIGTERM)
+                    try:
+                        popen.wait(_TERM_GRACE)
+                    except subprocess.TimeoutExpired:
+                        _signal_group(popen.pid, signal.SIGKILL)
+                popen.wait()
+            except BaseException:
+                _kill_now(popen)  # Ctrl-C while waiting: no QEMU left
+                raise
             # Whatever a wrapper left behind in the group goes too.
             _signal_group(popen.pid, signal.SIGKILL)
             self._exitcode = popen.returncode

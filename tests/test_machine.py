@@ -369,3 +369,33 @@ def test_qemu_dying_under_a_command_names_its_exit_status(
         waiting.result(BOUND)
     with pytest.raises(AbnormalShutdown):
         vm.shutdown()
+
+
+def test_ctrl_c_during_shutdown_leaves_no_qemu(tmp_path: Path) -> None:
+    """Ctrl-C while shutdown() waits for a QEMU that does not quit (it
+    is stopped) ends the program with KeyboardInterrupt, and QEMU is
+    killed and reaped all the same."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", f'''
+import os, signal, sys
+from qmp_sync.machine import QEMUMachine
+signal.signal(signal.SIGINT, signal.default_int_handler)
+vm = QEMUMachine({qemu_binary()!r}, args=["-machine", "none"],
+                 base_temp_dir={str(tmp_path)!r})
+vm.launch()
+os.kill(vm.get_pid(), signal.SIGSTOP)
+print(vm.get_pid(), flush=True)
+vm.shutdown()
+'''], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    pid = int(child.stdout.readline())  # bounded by pytest-timeout
+    blocked = Path(f"/proc/{child.pid}/wchan")
+    for _ in range(int(BOUND / 0.01)):  # until it sleeps in shutdown()
+        if blocked.read_text() not in ("", "0"):
+            break
+        subprocess.run(["sleep", "0.01"], check=True)  # polling, bounded
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=BOUND * 2)
+    assert "KeyboardInterrupt" in stderr
+    assert not pid_exists(pid)
+    assert list(tmp_path.iterdir()) == []
