@@ -24,6 +24,9 @@ echo "== the reference manual (Sphinx, warnings as errors, nitpicky)"
 echo "== pytest (uvloop and orjson)"
 .venv/bin/python -c 'import orjson, uvloop'
 .venv/bin/pytest "$@"
+echo "== pytest -m 'not qemu', as on a machine without QEMU"
+QMP_SYNC_QEMU=/nonexistent/qemu-system-x86_64 .venv/bin/pytest -q \
+    -p no:cacheprovider -m "not qemu" "$@"
 echo "== QEMU's own protocol-core tests (from the qemu.qmp sdist) on ours"
 .venv/bin/python tools/qemu_protocol_tests.py -q
 
