@@ -36,6 +36,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -91,15 +92,17 @@ _NEGOTIATED_ALREADY = "Capabilities negotiation is already complete, " \
 
 
 _DECODER = json.JSONDecoder()
-#: The words of JSON (and of Python's json), which a read may cut.
-_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+#: What may be left of a number or a word (true, NaN...) cut short.
+_TOKEN_START = re.compile(r"[\w.+-]*")
 
 
 def _stops_early(error: json.JSONDecodeError, text: str) -> bool:
     """Whether `text` failed to decode only because more is to come."""
-    rest = text[error.pos:].rstrip()
-    return (rest == "" or error.msg.startswith("Unterminated string")
-            or any(word.startswith(rest) for word in _WORDS))
+    # What follows the error is the start of a token a read cut short (a
+    # number, true/false/null): a complete token would be followed by
+    # whitespace or punctuation.
+    return (error.msg.startswith("Unterminated string")
+            or _TOKEN_START.fullmatch(text, error.pos) is not None)
 
 
 def _name_of(command: Mapping[str, Any]) -> str:

@@ -6,8 +6,10 @@ through its entry point), passing and failing as it should.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
+import threading
 
 import pytest
 from peers import qemu_binary
@@ -232,16 +234,16 @@ def test_fake_server_reads_a_json_stream_as_qemu_does() -> None:
         server.reply("query-status", {"running": True})
         sock.settimeout(10)
         sock.connect(str(server.address))
-        replies = sock.makefile("rb")
-        assert b'"QMP"' in replies.readline()
-        stream = (b'{"execute": "qmp_capabilities", "id": 1}'
-                  b'{"execute": "query-status", "arguments": {"a": true, '
-                  b'"b": null, "c": -12.5e3, "d": "\\u00e9\\""}, "id": 2}\n'
-                  b'{this is not json\n[1, 2]\n'
-                  b'{"execute": "query-status", "id": 3}')
-        for offset in range(len(stream)):  # one byte at a time
-            sock.sendall(stream[offset:offset + 1])
-        answers = [json.loads(replies.readline()) for _ in range(5)]
+        with sock.makefile("rb") as replies:
+            assert b'"QMP"' in replies.readline()
+            stream = (b'{"execute": "qmp_capabilities", "id": 1}'
+                      b'{"execute": "query-status", "arguments": {"a": '
+                      b'true, "b": null, "c": -12.5e3, "d": "\\u00e9\\""}, '
+                      b'"id": 2}\n{this is not json\n[1, 2]\n'
+                      b'{"execute": "query-status", "id": 3}')
+            for offset in range(len(stream)):  # one byte at a time
+                sock.sendall(stream[offset:offset + 1])
+            answers = [json.loads(replies.readline()) for _ in range(5)]
     assert answers[0] == {"return": {}, "id": 1}
     assert answers[1] == {"return": {"running": True}, "id": 2}
     assert answers[2]["error"]["class"] == "GenericError"
@@ -250,3 +252,27 @@ def test_fake_server_reads_a_json_stream_as_qemu_does() -> None:
     assert answers[4] == {"return": {"running": True}, "id": 3}
     assert server.arguments("query-status")[0] == {
         "a": True, "b": None, "c": -12.5e3, "d": 'é"'}
+
+
+def test_fake_connection_reads_a_message_cut_anywhere(
+        pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    """However a read cuts a command (inside a number, an exponent, a
+    word, an escape, a multi-byte character), the fake server waits for
+    the rest and reads it whole."""
+    from qmp_sync.fake_server import FakeConnection
+
+    command = {"execute": "x", "arguments": {
+        "n": -12.5e-3, "t": True, "f": False, "z": None, "i": 1234567,
+        "s": 'a"b\\c', "u": "é€😀"}}
+    wire = json.dumps(command, ensure_ascii=False).encode()
+    for cut in range(1, len(wire)):
+        with FakeConnection.socketpair() as server, \
+                server.client_sock as client:
+            client.sendall(wire[:cut])
+            reading = pool.submit(server.recv)
+            for _ in range(1000):  # until the first part was read alone
+                if server._pending or reading.done():
+                    break
+                threading.Event().wait(0.005)  # polling, bounded
+            client.sendall(wire[cut:] + b"\n")
+            assert reading.result(10) == command, cut
