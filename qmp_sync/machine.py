@@ -25,6 +25,8 @@ import socket
 import subprocess
 import tempfile
 import threading
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -89,6 +91,24 @@ def _kill_now(popen: subprocess.Popen[bytes]) -> None:
         popen.wait()
 
 
+def _kill_abandoned(popen: subprocess.Popen[bytes], name: str,
+                    temp_dir: str | None) -> None:
+    """
+    Any thread (the garbage collector's, or the main thread at exit):
+    the finaliser of a machine dropped, or left at exit, with its QEMU
+    running. QEMU runs in a session of its own and would outlive us:
+    kill it, reap it, remove the temporary directory, and say so.
+    """
+    if popen.poll() is None:
+        _kill_now(popen)
+        warnings.warn(
+            f"QEMUMachine {name!r} was not shut down: its QEMU (pid "
+            f"{popen.pid}) was killed. Call shutdown(), or use the "
+            "machine as a context manager", ResourceWarning, stacklevel=1)
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _chardev_address(address: SocketAddrT) -> str:
     """The chardev options of a socket client of `address`."""
     if not isinstance(address, tuple):
@@ -128,9 +148,11 @@ class VMLaunchFailure(QEMUMachineError):
         self.output = output
 
     def __str__(self) -> str:
-        status = ("still running" if self.exitcode is None
-                  else f"exit status {self.exitcode}")
-        text = f"QEMU failed to launch ({status}): {self.command}"
+        if self.exitcode is None:  # QEMU did not start, or was stopped
+            text = f"QEMU failed to launch: {self.command}"
+            return f"{text}\n{self.output.rstrip()}" if self.output else text
+        text = (f"QEMU failed to launch (exit status {self.exitcode}): "
+                f"{self.command}")
         if self.output:
             text += f"\nQEMU said:\n{self.output.rstrip()}"
         return text
@@ -193,6 +215,7 @@ class QEMUMachine:
         self._pass_fds: list[int] = []
         self._temp_dir: str | None = None
         self._popen: subprocess.Popen[bytes] | None = None
+        self._abandoned: weakref.finalize[Any, Any] | None = None
         self._log_path: str | None = None
         self._log_text = ""
         self._exitcode: int | None = None
@@ -376,7 +399,11 @@ class QEMUMachine:
             try:
                 self.client.start_server(self._monitor_address)
             except ConnectError as err:
-                raise VMLaunchFailure(None, monitor, str(err)) from err
+                self._remove_temp_dir()
+                raise VMLaunchFailure(
+                    None, f"-chardev {monitor}",
+                    f"the machine cannot listen for QEMU's monitor: {err}"
+                    ) from err
         command = self._command(monitor)
         try:
             # A session of its own: Ctrl-C at the terminal is ours to
@@ -388,6 +415,10 @@ class QEMUMachine:
                     pass_fds=[*([] if theirs is None else [theirs.fileno()]),
                               *self._pass_fds])
             self._launched = True
+            # The safety net of a machine nobody shuts down.
+            self._abandoned = weakref.finalize(
+                self, _kill_abandoned, self._popen, self._name,
+                self._temp_dir)
             if theirs is not None:
                 theirs.close()
             try:
@@ -497,6 +528,9 @@ class QEMUMachine:
             _signal_group(popen.pid, signal.SIGKILL)
             self._exitcode = popen.returncode
             self._popen = None
+            if self._abandoned is not None:
+                self._abandoned.detach()
+                self._abandoned = None
         if self._console_sock is not None:
             self._console_sock.close()
             self._console_sock = None

@@ -399,3 +399,30 @@ vm.shutdown()
     assert "KeyboardInterrupt" in stderr
     assert not pid_exists(pid)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["dropped", "left at exit"])
+def test_machine_never_shut_down_leaves_no_qemu(tmp_path: Path, how: str
+                                               ) -> None:
+    """A machine dropped, or still running when the program exits,
+    without shutdown(): its QEMU (in a session of its own, so it would
+    outlive the program) is killed and reaped, its temporary directory
+    removed, and a ResourceWarning says so."""
+    ending = "del vm; gc.collect(); print('COLLECTED')" \
+        if how == "dropped" else ""
+    child = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", f'''
+import gc
+from qmp_sync.machine import QEMUMachine
+vm = QEMUMachine({qemu_binary()!r}, args=["-machine", "none"],
+                 base_temp_dir={str(tmp_path)!r})
+vm.launch()
+print(vm.get_pid(), flush=True)
+{ending}
+'''], capture_output=True, text=True, timeout=BOUND * 3, check=False)
+    assert child.returncode == 0, child.stderr
+    pid = int(child.stdout.split()[0])
+    assert not pid_exists(pid)
+    assert list(tmp_path.iterdir()) == []
+    assert child.stderr.count("was not shut down: its QEMU") == 1, \
+        child.stderr
