@@ -353,7 +353,9 @@ class FakeQMPServer:
 
     def emit(self, event: str, data: Mapping[str, Any] | None = None
              ) -> None:
-        """Send the event to every client connected now."""
+        """Send the event to every client connected now. Like any
+        write, this blocks while a client that reads nothing has a full
+        socket buffer."""
         message: dict[str, Any] = {"event": event, "timestamp": {
             "seconds": 0, "microseconds": 0}}
         if data is not None:
@@ -601,8 +603,17 @@ class _Scripted:
             self._fixed = b'{"return": ' + json.dumps(value).encode()
 
     def body(self, arguments: dict[str, Any]) -> bytes:
-        """The reply without its id and closing brace."""
+        """The reply without its id and closing brace; a function that
+        raises, or returns what JSON cannot hold, gives a GenericError
+        that says so (the test's client sees it, and the server reads
+        on)."""
         if self._fixed is not None:
             return self._fixed
         assert callable(self.value)
-        return b'{"return": ' + json.dumps(self.value(arguments)).encode()
+        try:
+            value = json.dumps(self.value(arguments))
+        except Exception as err:  # the test's own function failed
+            return _error_body(f"the fake server's reply function "
+                               f"raised {type(err).__name__}: {err}",
+                               "GenericError")
+        return b'{"return": ' + value.encode()

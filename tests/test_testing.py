@@ -195,6 +195,15 @@ def test_assertion_helpers(fake_qmp_server):
         server.wait_for("blockdev-del", timeout=0.05)
 
 
+def test_a_reply_function_that_raises_is_a_generic_error(fake_qmp_server):
+    fake_qmp_server.reply("add", lambda args: args["a"] + args["b"])
+    with QMPSyncClient(fake_qmp_server.address) as client:
+        client.connect(timeout=10)
+        with pytest.raises(ExecuteError, match="raised KeyError: 'b'"):
+            client.execute("add", {"a": 1})
+        assert client.execute("add", {"a": 1, "b": 2}) == 3
+
+
 def test_a_failing_assertion_fails_the_test(fake_qmp_server):
     fake_qmp_server.assert_received("query-status")
 '''
@@ -209,7 +218,7 @@ def test_fake_qmp_server_fixture(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(FAKE_USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            "-m", "not qemu")
-    result.assert_outcomes(passed=11, failed=1)
+    result.assert_outcomes(passed=12, failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: query-status was not "
                                  "received; the server received: "
                                  "nothing*"])
