@@ -426,3 +426,61 @@ print(vm.get_pid(), flush=True)
     assert list(tmp_path.iterdir()) == []
     assert child.stderr.count("was not shut down: its QEMU") == 1, \
         child.stderr
+
+
+# A stand-in for QEMU 7.2's rare start-up race, which QEMU will not
+# produce on demand: the first RACES starts greet twice and never answer
+# the negotiation (as QEMU does then); later ones serve a session.
+FAKE_QEMU = '''#!{python}
+import os, re, signal, sys
+from qmp_sync.fake_server import FakeConnection
+import socket
+
+count_file = {count_file!r}
+starts = int(open(count_file).read()) + 1 if os.path.exists(count_file) else 1
+with open(count_file, "w") as out:
+    out.write(str(starts))
+fd = int(re.search(r"fd=(\\d+)", " ".join(sys.argv)).group(1))
+monitor = FakeConnection(socket.socket(fileno=fd), timeout=None)
+if starts <= {races}:
+    monitor.greet()
+    monitor.greet()
+    signal.pause()  # until the machine kills it
+monitor.handshake()
+while True:
+    command = monitor.answer({{"status": "running"}})
+    if command["execute"] == "quit":
+        sys.exit(0)
+'''
+
+
+@pytest.mark.parametrize("races", [1, 3])
+def test_start_up_race_is_launched_again(
+        tmp_path: Path, races: int, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A QEMU whose monitor greets twice at start-up is killed and
+    launched again (logged), at most three times in all; then launch()
+    gives up with a VMLaunchFailure that says why."""
+    count_file = tmp_path / "starts"
+    binary = tmp_path / "fake-qemu"
+    binary.write_text(FAKE_QEMU.format(python=sys.executable, races=races,
+                                       count_file=str(count_file)))
+    binary.chmod(0o755)
+    base = tmp_path / "base"
+    base.mkdir()
+    vm = QEMUMachine(str(binary), base_temp_dir=str(base))
+    if races < 3:
+        vm.launch()
+        assert vm.cmd("query-status") == {"status": "running"}
+        vm.shutdown()
+        assert vm.exitcode() == 0
+        assert count_file.read_text() == str(races + 1)
+    else:
+        with pytest.raises(VMLaunchFailure, match="failed 3 starts"):
+            vm.launch()
+        assert count_file.read_text() == "3"
+        assert not vm.is_running()
+    launched_again = [record for record in caplog.records
+                      if "launching it again" in record.getMessage()]
+    assert len(launched_again) == min(races, 2)
+    assert list(base.iterdir()) == []
