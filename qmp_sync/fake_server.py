@@ -551,9 +551,8 @@ class FakeQMPServer:
         if fault == "oversized":
             connection.send(b'{"return": "' + b"x" * (16 << 20) + b'"}\n')
             return True
-        if not negotiated and name != "qmp_capabilities":
-            answer = None  # refused, as QEMU does
-        body = self._reply_to(command, answer, negotiated)
+        arguments = dict(command.get("arguments") or {})
+        body, scripted = self._reply_to(name, arguments, answer, negotiated)
         if "id" in command:
             body += b', "id": ' + json.dumps(command["id"]).encode()
         data = body + b"}\n"
@@ -561,25 +560,25 @@ class FakeQMPServer:
             connection.send(data[:len(data) // 2])
             return False
         connection.send(data)
-        if answer is not None and answer.then is not None:
-            answer.then(connection, dict(command.get("arguments") or {}))
+        if scripted is not None and scripted.then is not None:
+            scripted.then(connection, arguments)
         return True
 
     @staticmethod
-    def _reply_to(command: dict[str, Any], answer: _Scripted | None,
-                  negotiated: bool) -> bytes:
+    def _reply_to(name: str, arguments: dict[str, Any],
+                  answer: _Scripted | None, negotiated: bool
+                  ) -> tuple[bytes, _Scripted | None]:
         """The reply QEMU would give, unless scripted otherwise, without
-        its id and closing brace."""
-        name = _name_of(command)
-        if answer is None and name == "qmp_capabilities":
-            if negotiated:
-                return _error_body(_NEGOTIATED_ALREADY)
-            return b'{"return": {}'
+        its id and closing brace; and the scripted answer it used."""
         if not negotiated and name != "qmp_capabilities":
-            return _error_body(_NOT_NEGOTIATED)
-        if answer is None:
-            return _error_body(f"The command {name} has not been found")
-        return answer.body(dict(command.get("arguments") or {}))
+            return _error_body(_NOT_NEGOTIATED), None  # as QEMU refuses
+        if answer is not None:
+            return answer.body(arguments), answer
+        if name != "qmp_capabilities":
+            return _error_body(f"The command {name} has not been found"), None
+        if negotiated:
+            return _error_body(_NEGOTIATED_ALREADY), None
+        return b'{"return": {}', None
 
 
 def _error_body(desc: str, error_class: str = "CommandNotFound") -> bytes:

@@ -52,8 +52,8 @@ _logger = logging.getLogger(__name__)
 #: How many times `QEMUMachine.launch` starts QEMU whose monitor failed
 #: at start-up (see there).
 STARTUP_ATTEMPTS = 3
-#: How long a QEMU whose monitor failed at launch may take to exit
-#: before the failure counts as a start-up race.
+#: How long a QEMU whose monitor hung up may take to exit: at launch,
+#: one still running then counts as a start-up race.
 _EXIT_GRACE = 2.0
 #: How long `shutdown` waits for QEMU after SIGTERM, before SIGKILL.
 _TERM_GRACE = 10.0
@@ -81,6 +81,15 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if caught and callable(previous):
             previous(signal.SIGINT, caught[0])
+
+
+def _exit_status_soon(popen: subprocess.Popen[bytes]) -> int | None:
+    """QEMU's exit status once it has exited, waiting up to
+    `_EXIT_GRACE` seconds for that; None if it still runs."""
+    try:
+        return popen.wait(_EXIT_GRACE)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _kill_now(popen: subprocess.Popen[bytes]) -> None:
@@ -430,11 +439,7 @@ class QEMUMachine:
             except (ConnectError, TimeoutError) as err:
                 # A QEMU that refused its arguments closes the monitor
                 # just before it exits: give it a moment to do so.
-                try:
-                    self._popen.wait(_EXIT_GRACE)
-                    exited = True
-                except subprocess.TimeoutExpired:
-                    exited = False
+                exited = _exit_status_soon(self._popen) is not None
                 self._reap(hard=True)
                 if not exited:
                     raise _StartupRace(" ".join(command)) from err
@@ -608,13 +613,10 @@ class QEMUMachine:
         try:
             yield
         except ExecInterruptedError as err:
-            popen = self._popen
-            if popen is None:
+            code = None if self._popen is None else _exit_status_soon(
+                self._popen)
+            if code is None:
                 raise
-            try:
-                code = popen.wait(_EXIT_GRACE)
-            except subprocess.TimeoutExpired:
-                raise err from err.__cause__
             raise ExecInterruptedError(
                 f"{err} (QEMU exited, exit status {code})") from err
 

@@ -51,7 +51,7 @@ from .fake_server import FakeQMPServer
 from .machine import QEMUMachine
 
 __all__ = ("GUESTLESS_ARGS", "fake_qmp_server", "find_qemu", "qemu_binary",
-           "qemu_machine")
+           "qemu_machine", "qemu_name")
 
 #: The arguments of a guest-less QEMU.
 GUESTLESS_ARGS = ("-machine", "none", "-nodefaults")
@@ -82,12 +82,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.qemu)
 
 
+def qemu_name(configured: str = "") -> str:
+    """The QEMU binary asked for: `configured`, else ``$QMP_SYNC_QEMU``,
+    else ``qemu-system-x86_64``."""
+    return (configured or os.environ.get("QMP_SYNC_QEMU", "")
+            or DEFAULT_QEMU)
+
+
 def find_qemu(configured: str = "") -> str | None:
-    """The path of the QEMU binary `configured`, else of
-    ``$QMP_SYNC_QEMU``, else of ``qemu-system-x86_64`` on PATH; None
+    """The path of the QEMU binary asked for (see `qemu_name`); None
     when that is not an executable."""
-    return shutil.which(configured or os.environ.get("QMP_SYNC_QEMU", "")
-                        or DEFAULT_QEMU)
+    return shutil.which(qemu_name(configured))
 
 
 def qemu_binary(config: pytest.Config) -> str:
@@ -96,9 +101,8 @@ def qemu_binary(config: pytest.Config) -> str:
     Skips the test when there is none, or fails it when the ini option
     ``qmp_sync_require_qemu`` is true.
     """
-    configured = str(config.getini("qmp_sync_qemu") or "") or (
-        os.environ.get("QMP_SYNC_QEMU", "") or DEFAULT_QEMU)
-    found = find_qemu(configured)
+    configured = qemu_name(str(config.getini("qmp_sync_qemu") or ""))
+    found = shutil.which(configured)
     if found is None:
         reason = (f"QEMU binary {configured!r} not found (set the "
                   "qmp_sync_qemu ini option or $QMP_SYNC_QEMU)")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import pytest
 
@@ -193,6 +193,18 @@ def peer_client(peer: FakeConnection,
     return client
 
 
+def poll_until(condition: Callable[[], bool], timeout: float = TIMEOUT
+               ) -> bool:
+    """Check `condition` every 5 ms until it holds (True) or `timeout`
+    seconds have passed (False): polling a condition, not a delay."""
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return True
+        pause.wait(0.005)
+    return condition()
+
+
 def blocked_in_call(future: concurrent.futures.Future[object],
                     caller: str = "block_on") -> None:
     """
@@ -200,9 +212,7 @@ def blocked_in_call(future: concurrent.futures.Future[object],
     a ``wait`` called (at some depth) from `caller`: by default, waiting
     for the loop thread in the hand-off's lock.
     """
-    deadline = TIMEOUT
-    event = threading.Event()
-    while deadline > 0:
+    def blocked() -> bool:
         assert not future.done(), future.exception()
         for frame in sys._current_frames().values():
             names = []
@@ -210,10 +220,11 @@ def blocked_in_call(future: concurrent.futures.Future[object],
                 names.append(frame.f_code.co_name)
                 frame = frame.f_back  # type: ignore[assignment]
             if names and names[0] == "wait" and caller in names:
-                return
-        event.wait(0.005)  # polling a condition, not a delay
-        deadline -= 0.005
-    raise AssertionError("the call never blocked")
+                return True
+        return False
+
+    if not poll_until(blocked):
+        raise AssertionError("the call never blocked")
 
 
 def qemu_client(path: str) -> QMPSyncClient:

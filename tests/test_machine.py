@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import blocked_in_call, pid_exists, qemu_binary
+from peers import blocked_in_call, pid_exists, poll_until, qemu_binary
 
 from qmp_sync import ExecInterruptedError, ExecuteError
 from qmp_sync.machine import (
@@ -206,25 +206,25 @@ vm.launch()
 '''], stderr=subprocess.PIPE, text=True)
     children = Path(f"/proc/{child.pid}/task/{child.pid}/children")
     launched: list[int] = []
-    for _ in range(int(BOUND / 0.01)):
-        launched = [int(pid) for pid in children.read_text().split()]
-        if launched:
-            break
-        subprocess.run(["sleep", "0.01"], check=True)  # polling, bounded
-    assert launched, "the child never started its QEMU"
+
+    def started() -> bool:
+        launched[:] = [int(pid) for pid in children.read_text().split()]
+        return bool(launched)
+
+    assert poll_until(started), "the child never started its QEMU"
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=BOUND * 2)
     assert "KeyboardInterrupt" in stderr
     # The wrapper, and its own child (sleep) with its process group, are
     # gone once the kernel has reaped them (polled, bounded).
-    for _ in range(int(BOUND / 0.01)):
-        leftover = subprocess.run(["pgrep", "-g", str(launched[0])],
-                                  capture_output=True, text=True,
-                                  check=False).stdout
-        if not leftover and all(not pid_exists(pid) for pid in launched):
-            break
-        subprocess.run(["sleep", "0.01"], check=True)
-    assert leftover == "", leftover
+    def group() -> str:
+        return subprocess.run(["pgrep", "-g", str(launched[0])],
+                              capture_output=True, text=True,
+                              check=False).stdout
+
+    poll_until(lambda: not group()
+               and all(not pid_exists(pid) for pid in launched))
+    assert group() == "", group()
     assert all(not pid_exists(pid) for pid in launched)
     assert list(tmp_path.iterdir()) == []
 
@@ -317,10 +317,7 @@ def test_console_socket(tmp_path: Path) -> None:
         assert console().startswith("disconnected:unix:")
         sock = vm.console_socket
         assert vm.console_socket is sock
-        for _ in range(int(BOUND / 0.01)):
-            if not console().startswith("disconnected:"):
-                break
-            subprocess.run(["sleep", "0.01"], check=True)  # polling
+        poll_until(lambda: not console().startswith("disconnected:"))
         assert console().startswith("unix:"), console()
     finally:
         vm.shutdown()
@@ -390,10 +387,8 @@ vm.shutdown()
     assert child.stdout is not None
     pid = int(child.stdout.readline())  # bounded by pytest-timeout
     blocked = Path(f"/proc/{child.pid}/wchan")
-    for _ in range(int(BOUND / 0.01)):  # until it sleeps in shutdown()
-        if blocked.read_text() not in ("", "0"):
-            break
-        subprocess.run(["sleep", "0.01"], check=True)  # polling, bounded
+    # Until it sleeps in shutdown().
+    poll_until(lambda: blocked.read_text() not in ("", "0"))
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=BOUND * 2)
     assert "KeyboardInterrupt" in stderr

@@ -9,10 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import threading
 
 import pytest
-from peers import qemu_binary
+from peers import poll_until, qemu_binary
 
 pytest_plugins = ["pytester"]
 
@@ -279,9 +278,8 @@ def test_fake_connection_reads_a_message_cut_anywhere(
                 server.client_sock as client:
             client.sendall(wire[:cut])
             reading = pool.submit(server.recv)
-            for _ in range(1000):  # until the first part was read alone
-                if server._pending or reading.done():
-                    break
-                threading.Event().wait(0.005)  # polling, bounded
+            # Until the first part was read alone.
+            poll_until(lambda server=server, reading=reading:
+                       bool(server._pending) or reading.done())
             client.sendall(wire[cut:] + b"\n")
             assert reading.result(10) == command, cut
