@@ -27,6 +27,7 @@ from typing import TextIO
 from ..error import QMPError
 from ..message import Message
 from ..sync import QMPSyncClient
+from .output import terminal_columns
 
 __all__ = ("SessionEnded", "Terminal")
 
@@ -244,10 +245,7 @@ class Terminal:
         """Main thread, at the prompt: the control codes that take the
         cursor to the start of the prompt and clear from there on (a
         line longer than the terminal is wide spans several rows)."""
-        try:
-            width = os.get_terminal_size(self._out.fileno()).columns
-        except (OSError, ValueError):
-            width = 0
+        width = terminal_columns(self._out)
         before_cursor = self._prompt
         if self._readline is not None:
             typed = self._readline.get_line_buffer()

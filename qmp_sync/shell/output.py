@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple, TextIO
 
 __all__ = ("DEFAULT_WIDTH", "PALETTE", "RESET", "Token", "colour_wanted",
-           "columns", "highlight_json", "json_tokens", "terminal_width",
-           "wrap_line")
+           "columns", "highlight_json", "json_tokens", "terminal_columns",
+           "terminal_width", "wrap_line")
 
 #: The width used when the output is not a terminal.
 DEFAULT_WIDTH = 80
@@ -101,15 +101,18 @@ def colour_wanted(stream: TextIO,
 def terminal_width(stream: TextIO) -> int:
     """The columns of the terminal `stream` writes to, or
     `DEFAULT_WIDTH` when it is not a terminal. Any thread."""
-    if _is_terminal(stream):
-        try:
-            width = os.get_terminal_size(stream.fileno()).columns
-        except (OSError, ValueError):
-            width = 0
-        # A pty nobody sized says 0.
-        if width > 0:
-            return width
-    return DEFAULT_WIDTH
+    return terminal_columns(stream) or DEFAULT_WIDTH
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The columns of the terminal `stream` writes to, or 0 when that is
+    unknown (not a terminal, or a pty nobody sized). Any thread."""
+    if not _is_terminal(stream):
+        return 0
+    try:
+        return max(os.get_terminal_size(stream.fileno()).columns, 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _is_terminal(stream: TextIO) -> bool:
